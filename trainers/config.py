@@ -1,0 +1,127 @@
+"""Typed configs of the data pipeline (`conf/data/`) and the training protocol (`conf/protocol/`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SOURCES = ("stdlib", "hub", "files")
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"
+    """stdlib (the running interpreter's standard library sources) | hub (datasets hub id) | files."""
+    name: str = "stdlib"
+    """Readable name of the data set (used in run names and cache folders)."""
+    hub_id: str = ""
+    """datasets hub id, e.g. HuggingFaceTB/smollm-corpus (source=hub)."""
+    hub_config: str = ""
+    """datasets config name, e.g. fineweb-edu-dedup (source=hub)."""
+    split: str = "train"
+    files: list[str] = field(default_factory=list)
+    """Local files (source=files): .txt, .jsonl/.json or .parquet."""
+    text_field: str = "text"
+    """Column holding the text (jsonl / parquet / hub)."""
+    max_docs: int = 0
+    """Use at most this many documents (0 = all)."""
+    max_bytes: int = 0
+    """Use at most this many bytes of utf-8 text, whole documents in corpus order (0 = all)."""
+    tokenizer: str = "bpe"
+    """bpe (byte-level BPE trained on the corpus and cached) | a path or hub id for AutoTokenizer."""
+    vocab_size: int = 4096
+    """Vocabulary of the trained BPE tokenizer (a pretrained tokenizer brings its own)."""
+    test_tokens: int = 65536
+    """Tokens held out (from the end of the corpus) for the eval loss."""
+    cache_dir: str = ""
+    """Where tokenized, packed arrays are cached ('' = $TPB_CACHE or ~/.cache/tpb-sweeps)."""
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source={self.source!r}: allowed: {', '.join(SOURCES)}")
+        if self.source == "hub" and not self.hub_id:
+            raise ValueError("data.hub_id is empty: source=hub needs a datasets hub id")
+        if self.source == "files" and not self.files:
+            raise ValueError("data.files is empty: source=files needs at least one file")
+        if self.vocab_size < 256:
+            raise ValueError(f"data.vocab_size={self.vocab_size}: must be >= 256 (byte-level BPE)")
+        if self.test_tokens < 1:
+            raise ValueError(f"data.test_tokens={self.test_tokens}: must be >= 1")
+        for name in ("max_docs", "max_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name}={getattr(self, name)}: must be >= 0 (0 = all)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps (each of batch_tokens tokens)."""
+    context: int = 128
+    """Tokens per sequence (packed blocks)."""
+    batch_tokens: int = 4096
+    """Effective batch in tokens; gradient accumulation = batch_tokens / (micro_batch x context x world)."""
+    micro_batch: int = 32
+    """Sequences per forward pass on one process."""
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to matrices only (not norms, biases, embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0 = off)."""
+    schedule: str = "cosine"
+    """cosine | wsd | constant."""
+    warmup_frac: float = 0.1
+    cosine_cycles: float = 1.0
+    """Cosine cycles over the run: 1 = one full half-cosine; < 1 = truncated cosine."""
+    decay_frac: float = 0.2
+    """WSD: fraction of the run spent in the final decay."""
+    min_lr_frac: float = 0.0
+    """Floor of the schedule, as a fraction of lr."""
+    precision: str = "bf16"
+    """fp32 | bf16 (autocast; on CPU too: AMX makes bf16 matmuls fast)."""
+    eval_every: int = 50
+    """Eval loss on the held-out split every N steps (and at the end); 0 = only at the end."""
+    eval_batches: int = 4
+    ckpt_every: int = 50
+    """Checkpoint every N steps (and at the end)."""
+    keep_ckpts: int = 2
+    seed: int = 0
+    threads: int = 0
+    """torch intra-op threads per process (0 = leave torch's default)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "context", "batch_tokens", "micro_batch", "eval_batches", "keep_ckpts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"protocol.{name}={value!r}: must be a positive integer")
+        for name in ("eval_every", "ckpt_every", "threads", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"protocol.{name}={getattr(self, name)}: must be >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"protocol.schedule={self.schedule!r}: allowed: {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"protocol.precision={self.precision!r}: allowed: {', '.join(PRECISIONS)}")
+        if self.lr <= 0:
+            raise ValueError(f"protocol.lr={self.lr}: must be > 0")
+        for name in ("warmup_frac", "decay_frac", "min_lr_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"protocol.{name}={getattr(self, name)}: must be in [0, 1]")
+        if self.schedule == "wsd" and self.warmup_frac + self.decay_frac > 1.0:
+            raise ValueError(
+                f"protocol.warmup_frac + protocol.decay_frac = {self.warmup_frac + self.decay_frac}: "
+                "must be <= 1 for the wsd schedule"
+            )
+        if self.cosine_cycles <= 0:
+            raise ValueError(f"protocol.cosine_cycles={self.cosine_cycles}: must be > 0")
+
+    def grad_accum(self, world_size: int = 1) -> int:
+        """Micro-steps per optimizer step; raises when the effective batch cannot be reached exactly."""
+        per_micro = self.micro_batch * self.context * world_size
+        if self.batch_tokens % per_micro:
+            raise ValueError(
+                f"protocol.batch_tokens={self.batch_tokens} is not a multiple of micro_batch x context x "
+                f"world_size = {self.micro_batch} x {self.context} x {world_size} = {per_micro}"
+            )
+        return self.batch_tokens // per_micro
