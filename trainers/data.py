@@ -1,0 +1,399 @@
+"""Data pipeline: corpus -> tokenizer -> flat arrays of token ids (train, test), memory-mapped and cached.
+
+    prepared = prepare_data(DataConfig(), context=128)
+    prepared.train, prepared.test     # 1-D np.memmap (uint16 if vocab < 65536 else uint32)
+
+Documents are concatenated in corpus order, each followed by the end-of-text id; the LAST
+data.test_tokens tokens are the test split, everything before is the train split. There is no
+shuffling anywhere: every run of a sweep sees the same tokens in the same order.
+
+Cache, under DataConfig.cache_dir, else $TPB_CACHE, else ~/.cache/tpb-sweeps:
+
+    tokenizers/bpe<vocab>-<corpus fp>/tokenizer.json      trained BPE, shared by all contexts
+    data/<name>-<fp>/{train.npy, test.npy, tokenizer.json?, meta.json}
+
+A folder is built in a temporary folder next to its target and renamed into place (atomic), under
+an fcntl lock so that concurrent jobs of one sweep build once while the others wait. A folder that
+exists is complete.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import chain, groupby
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from trainers.config import DataConfig
+from trainers.tokenizer import TextTokenizer, bpe_tokenizer, pretrained_spec, pretrained_tokenizer, train_bpe
+
+FORMAT_VERSION = 1
+"""Bump when the layout or the content of a cache folder changes: old folders are then ignored."""
+STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
+"""Folders of the standard library left out of the corpus: installed packages and test suites."""
+FILE_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+"""Extension -> `datasets` packaged loader. A .txt file is one document."""
+BATCH_DOCS = 512
+
+
+@dataclass
+class Prepared:
+    train: np.ndarray
+    """1-D memmap of token ids, the train split."""
+    test: np.ndarray
+    """1-D memmap of token ids, the last data.test_tokens tokens of the corpus."""
+    vocab_size: int
+    fingerprint: str
+    path: Path
+    """The cache folder (meta.json there describes the build)."""
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("TPB_CACHE") or "~/.cache/tpb-sweeps"
+    return Path(root).expanduser()
+
+
+def _sha256(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# --- corpus sources ----------------------------------------------------------------------------
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard-library .py files, sorted by relative path.
+
+    Left out: installed packages, test suites, byte-code caches, and build-specific files
+    (_sysconfigdata*, config-*/) that differ between two installs of the same version.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for folder, dirs, files in os.walk(root):
+        rel = Path(folder).relative_to(root)
+        dirs[:] = [d for d in dirs if d not in STDLIB_SKIP_DIRS and not (rel == Path(".") and d.startswith("config-"))]
+        found += [rel / f for f in files if f.endswith(".py") and not f.startswith("_sysconfigdata")]
+    return [root / rel for rel in sorted(found, key=lambda p: p.as_posix())]
+
+
+def data_files(cfg: DataConfig) -> list[Path]:
+    """data.files with glob patterns expanded (sorted), checked to exist and to have a known type."""
+    paths: list[Path] = []
+    for entry in cfg.files:
+        pattern = str(Path(entry).expanduser())
+        if glob.has_magic(pattern):
+            matched = sorted(glob.glob(pattern))
+            if not matched:
+                raise ValueError(f"data.files: no file matches {entry!r}")
+            paths += [Path(p) for p in matched]
+        elif not Path(pattern).is_file():
+            raise ValueError(f"data.files: {entry!r} does not exist or is not a file")
+        else:
+            paths.append(Path(pattern))
+    for path in paths:
+        if path.suffix not in FILE_LOADERS:
+            raise ValueError(f"data.files: {str(path)!r} has an unknown type {path.suffix!r}; "
+                             f"allowed: {', '.join(FILE_LOADERS)}")
+    return [p.resolve() for p in paths]
+
+
+def corpus_description(cfg: DataConfig) -> dict:
+    """What identifies the text of the corpus (hashed into the fingerprints); cheap: stats, no reads."""
+    desc: dict = {"source": cfg.source, "max_docs": cfg.max_docs, "max_bytes": cfg.max_bytes}
+    if cfg.source == "stdlib":
+        files = stdlib_files()
+        root = Path(sysconfig.get_paths()["stdlib"])
+        stats = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in files]
+        desc |= {"python": platform.python_version(), "implementation": sys.implementation.name,
+                 "n_files": len(files), "files": _sha256(stats)}
+    elif cfg.source == "files":
+        desc |= {"text_field": cfg.text_field,
+                 "files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data_files(cfg)]}
+    else:
+        desc |= {"hub_id": cfg.hub_id, "hub_config": cfg.hub_config, "split": cfg.split,
+                 "text_field": cfg.text_field}
+    return desc
+
+
+def _read_stdlib(max_bytes: int, progress: bool) -> list[str]:
+    texts, total = [], 0
+    for path in tqdm(stdlib_files(), desc="read stdlib", unit="file", disable=not progress):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        total += len(text.encode())
+        if max_bytes and total > max_bytes:
+            break
+        texts.append(text)
+    return texts
+
+
+def _text_column(ds, cfg: DataConfig, origin: str):
+    if cfg.text_field not in ds.column_names:
+        raise ValueError(f"data.text_field={cfg.text_field!r}: not a column of {origin}; "
+                         f"columns: {', '.join(ds.column_names)}")
+    ds = ds.select_columns([cfg.text_field])
+    return ds if cfg.text_field == "text" else ds.rename_column(cfg.text_field, "text")
+
+
+def _load_files(cfg: DataConfig, hf_cache: Path):
+    from datasets import Value, concatenate_datasets, load_dataset
+
+    parts = []
+    for loader, group in groupby(data_files(cfg), key=lambda p: FILE_LOADERS[p.suffix]):
+        group = [str(p) for p in group]
+        extra = {"sample_by": "document"} if loader == "text" else {}
+        ds = load_dataset(loader, data_files=group, split="train", cache_dir=str(hf_cache), **extra)
+        parts.append(ds if loader == "text" else _text_column(ds, cfg, ", ".join(group)))
+    if len(parts) > 1:  # loaders differ in string type (string vs large_string): align them
+        parts = [ds.cast_column("text", Value("large_string")) for ds in parts]
+    return concatenate_datasets(parts)
+
+
+def _stream_rows(hub_id: str, hub_config: str, split: str, text_field: str, max_docs: int, max_bytes: int):
+    """{"text": ...} rows of a streamed data set, up to max_docs documents and max_bytes bytes (0 = all)."""
+    from datasets import load_dataset
+
+    total = 0
+    for i, row in enumerate(load_dataset(hub_id, hub_config or None, split=split, streaming=True)):
+        total += len((row[text_field] or "").encode())
+        if (max_docs and i >= max_docs) or (max_bytes and total > max_bytes):
+            return
+        yield {"text": row[text_field]}
+
+
+def _load_hub(cfg: DataConfig, hf_cache: Path):
+    """A hub data set (or a local data set folder). With data.max_docs or data.max_bytes it is streamed
+    and only the documents used are written (to hf_cache); otherwise the whole split is downloaded."""
+    from datasets import Dataset, load_dataset
+
+    streaming = bool(cfg.max_docs or cfg.max_bytes)
+    try:
+        ds = load_dataset(cfg.hub_id, cfg.hub_config or None, split=cfg.split, streaming=streaming)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"data.hub_id={cfg.hub_id!r} (data.hub_config={cfg.hub_config!r}, "
+                         f"data.split={cfg.split!r}): cannot load: {err}") from err
+    if not streaming:
+        return _text_column(ds, cfg, cfg.hub_id)
+    first = next(iter(ds), {})
+    if cfg.text_field not in first:
+        raise ValueError(f"data.text_field={cfg.text_field!r}: not a column of {cfg.hub_id}; "
+                         f"columns: {', '.join(first)}")
+    kwargs = {"hub_id": cfg.hub_id, "hub_config": cfg.hub_config, "split": cfg.split,
+              "text_field": cfg.text_field, "max_docs": cfg.max_docs, "max_bytes": cfg.max_bytes}
+    return Dataset.from_generator(_stream_rows, gen_kwargs=kwargs, cache_dir=str(hf_cache))
+
+
+def _limit(ds, cfg: DataConfig):
+    """Keep the first data.max_docs documents, then whole documents up to data.max_bytes."""
+    if cfg.max_docs and len(ds) > cfg.max_docs:
+        ds = ds.select(range(cfg.max_docs))
+    if cfg.max_bytes:
+        total, keep = 0, 0
+        for batch in ds.iter(batch_size=BATCH_DOCS):
+            for text in batch["text"]:
+                total += len((text or "").encode())
+                if total > cfg.max_bytes:
+                    return ds.select(range(keep))
+                keep += 1
+    return ds
+
+
+def load_corpus(cfg: DataConfig, hf_cache: Path, progress: bool = True):
+    """The corpus as a `datasets.Dataset` with one column, "text", limits applied."""
+    from datasets import Dataset
+
+    with _datasets_progress(progress):
+        if cfg.source == "stdlib":
+            ds = Dataset.from_dict({"text": _read_stdlib(cfg.max_bytes, progress)})
+        elif cfg.source == "files":
+            ds = _load_files(cfg, hf_cache)
+        else:
+            ds = _load_hub(cfg, hf_cache)
+        return _limit(ds, cfg)
+
+
+@contextmanager
+def _datasets_progress(enabled: bool) -> Iterator[None]:
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
+
+
+def _batches(ds) -> Iterator[list[str]]:
+    for batch in ds.iter(batch_size=BATCH_DOCS):
+        yield [text for text in batch["text"] if text]
+
+
+# --- cache: lock + build in a temporary folder + atomic rename -------------------------------------
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> None:
+    """Make `target` (a folder) exist, complete, built at most once by concurrent processes.
+
+    `build(tmp)` fills a fresh temporary folder next to the target; it is then renamed to the target.
+    If the target appeared meanwhile (a builder the lock did not exclude, e.g. on a file system
+    without flock), ours is discarded. Temporary folders found while holding the lock were left by
+    a builder that died (the kernel released its lock): they are removed.
+    """
+    if target.is_dir():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if target.is_dir():
+            return
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        try:
+            build(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- tokenize, pack, split ------------------------------------------------------------------------
+
+
+def tokenizer_spec(cfg: DataConfig, corpus_fp: str) -> dict:
+    if cfg.tokenizer == "bpe":
+        return {"kind": "bpe", "vocab_size": cfg.vocab_size, "corpus": corpus_fp}
+    return {"kind": "pretrained", "spec": pretrained_spec(cfg.tokenizer)}
+
+
+def _get_tokenizer(cfg: DataConfig, corpus_fp: str, ds, progress: bool) -> tuple[TextTokenizer, Path | None]:
+    if cfg.tokenizer != "bpe":
+        return pretrained_tokenizer(cfg.tokenizer), None
+    target = cache_root(cfg) / "tokenizers" / f"bpe{cfg.vocab_size}-{corpus_fp[:16]}"
+
+    def build(tmp: Path) -> None:
+        n_batches = -(-len(ds) // BATCH_DOCS)
+        train_bpe(_batches(ds), cfg.vocab_size, n_batches, progress).save(str(tmp / "tokenizer.json"))
+
+    build_once(target, build)
+    return bpe_tokenizer(target / "tokenizer.json"), target / "tokenizer.json"
+
+
+def _pack(ids: list[list[int]], eos: int, dtype: np.dtype) -> np.ndarray:
+    """Concatenate documents, each followed by eos."""
+    lengths = np.array([len(d) for d in ids], dtype=np.int64)
+    out = np.empty(int(lengths.sum()) + len(ids), dtype=dtype)
+    ends = np.cumsum(lengths + 1) - 1
+    is_text = np.ones(len(out), dtype=bool)
+    is_text[ends] = False
+    out[ends] = eos
+    out[is_text] = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    return out
+
+
+def check_test_split(test_tokens: int, context: int) -> None:
+    if test_tokens < context + 1:
+        raise ValueError(f"data.test_tokens={test_tokens} is smaller than protocol.context + 1 = {context + 1}: "
+                         "the test split must hold at least one sequence")
+
+
+def check_sizes(n_train: int, n_test: int, context: int) -> None:
+    """Both splits must hold at least one sequence of context + 1 tokens (inputs + shifted targets)."""
+    check_test_split(n_test, context)
+    need = context + 1
+    if n_train < need:
+        raise ValueError(f"the corpus has {n_train + n_test} tokens: after holding out data.test_tokens="
+                         f"{n_test}, the train split keeps {n_train}, fewer than protocol.context + 1 = "
+                         f"{need}; use a larger corpus, a smaller data.test_tokens or a smaller protocol.context")
+
+
+def _tokenize_to(path: Path, ds, tok: TextTokenizer, dtype: np.dtype, progress: bool) -> tuple[int, int]:
+    """Write the packed corpus as raw ids to `path`; return (tokens, documents)."""
+    n_tokens = n_docs = 0
+    with open(path, "wb") as out, tqdm(total=len(ds), desc="tokenize", unit="doc", disable=not progress) as bar:
+        for texts in _batches(ds):
+            packed = _pack(tok.encode_batch(texts), tok.eos_id, dtype)
+            out.write(packed.tobytes())
+            n_tokens, n_docs = n_tokens + len(packed), n_docs + len(texts)
+            bar.update(min(BATCH_DOCS, bar.total - bar.n))
+    return n_tokens, n_docs
+
+
+def _build(cfg: DataConfig, context: int, desc: dict, tmp: Path, progress: bool) -> None:
+    start = time.perf_counter()
+    ds = load_corpus(cfg, tmp / "hf", progress)
+    tok, tok_file = _get_tokenizer(cfg, desc["corpus_fp"], ds, progress)
+    dtype = np.dtype(np.uint16 if tok.vocab_size < 2**16 else np.uint32)
+    raw = tmp / "tokens.bin"
+    total, n_docs = _tokenize_to(raw, ds, tok, dtype, progress)
+    del ds
+    shutil.rmtree(tmp / "hf", ignore_errors=True)
+    n_test = cfg.test_tokens
+    check_sizes(total - n_test, n_test, context)
+    tokens = np.memmap(raw, dtype=dtype, mode="r", shape=(total,))
+    for name, part in (("train", tokens[: total - n_test]), ("test", tokens[total - n_test:])):
+        out = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=part.shape)
+        out[:] = part
+        out.flush()
+        del out
+    del tokens
+    raw.unlink()
+    if tok_file is not None:
+        shutil.copyfile(tok_file, tmp / "tokenizer.json")
+    meta = {"fingerprint": desc["fingerprint"], "description": desc, "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id, "dtype": dtype.name, "train_tokens": total - n_test, "test_tokens": n_test,
+            "documents": n_docs, "build_s": round(time.perf_counter() - start, 3)}
+    with open(tmp / "meta.json", "w") as handle:  # written last; durable before the rename
+        handle.write(json.dumps(meta, indent=1))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def prepare_data(cfg: DataConfig, context: int, progress: bool = True) -> Prepared:
+    """Train and test token arrays of the corpus, built once per fingerprint and memory-mapped."""
+    check_test_split(cfg.test_tokens, context)  # fails fast, before any work
+    corpus = corpus_description(cfg)
+    corpus_fp = _sha256(corpus)
+    desc = {"format": FORMAT_VERSION, "corpus": corpus, "corpus_fp": corpus_fp,
+            "tokenizer": tokenizer_spec(cfg, corpus_fp), "test_tokens": cfg.test_tokens, "context": context}
+    fingerprint = _sha256(desc)
+    desc["fingerprint"] = fingerprint
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.name) or "data"
+    target = cache_root(cfg) / "data" / f"{name}-{fingerprint[:16]}"
+    build_once(target, lambda tmp: _build(cfg, context, desc, tmp, progress))
+    meta = json.loads((target / "meta.json").read_text())
+    train = np.load(target / "train.npy", mmap_mode="r")
+    test = np.load(target / "test.npy", mmap_mode="r")
+    check_sizes(len(train), len(test), context)
+    return Prepared(train, test, meta["vocab_size"], fingerprint, target)
