@@ -1,0 +1,222 @@
+"""One command per sweep: the figures it calls for (PNG) and a summary.md, into reports/<sweep>/.
+
+    python -m analysis report --sweep lane_count [--tracking-uri URI] [--out reports] [--metric eval_loss]
+
+Works on a partially finished sweep: figures and ranking use the FINISHED runs; the summary
+lists FAILED / KILLED / RUNNING runs and the configurations with no finished run ("missing").
+An experiment that is not one of the report's sweeps (a custom sweep, an Optuna study, the
+`default` experiment) gets loss curves, plus the Pareto front and optimisation history when
+its runs carry a trial tag.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import figures as F
+from analysis.collect import (
+    AnalysisError,
+    default_tracking_uri,
+    experiment_names,
+    metric_histories,
+    runs_table,
+)
+from analysis.ranking import config_names, missing_configs, rank_configs
+from analysis.variance import distances_within, extremum_distance, members, separation_step
+
+
+@dataclass(frozen=True)
+class Spec:
+    file: str
+    draw: Callable[..., F.Plot]
+    history: bool = False
+    """True: draw(runs, history, path); False: draw(runs, path)."""
+
+
+CURVES = Spec("loss_curves.png", F.loss_curves, history=True)
+STUDY = (Spec("pareto_front.png", F.pareto_front), Spec("optimisation_history.png", F.optimisation_history))
+SWEEPS: dict[str, tuple[Spec, ...]] = {
+    "dataset_size": (Spec("fig16_dataset_size.png", F.fig16_dataset_size), CURVES),
+    "lr_range": (Spec("fig17a_lr_range.png", F.fig17a_lr_range, history=True),),
+    "variance": (
+        Spec("fig17b_variance.png", F.fig17b_variance, history=True),
+        Spec("fig17c_variance_zoom.png", F.fig17c_variance_zoom, history=True),
+        Spec("fig17d_extremum_distance.png", F.fig17d_extremum_distance, history=True),
+    ),
+    "lane_count": (Spec("fig18_lane_count.png", F.fig18_lane_count), CURVES),
+    "aspect_ratio": (Spec("fig19_aspect_ratio.png", F.fig19_aspect_ratio), CURVES),
+    "tp_blocks": (Spec("fig20_tp_blocks.png", F.fig20_tp_blocks), CURVES),
+    "classic_layers": (Spec("fig21_classic_layers.png", F.fig21_classic_layers), CURVES),
+    "delayed_comm": (
+        Spec("fig22a_delayed_comm_curves.png", F.fig22a_delayed_comm_curves, history=True),
+        Spec("fig22b_delayed_comm_3d.png", F.fig22b_delayed_comm_3d),
+    ),
+    "first_wave": (CURVES,),
+    "delayed_comm_tpe": (Spec("fig22b_delayed_comm_3d.png", F.fig22b_delayed_comm_3d), *STUDY),
+    "speed_quality": STUDY,
+}
+"""Sweep (experiment) name -> the figures its report draws."""
+
+
+def _specs(sweep: str, runs: pd.DataFrame) -> tuple[Spec, ...]:
+    if sweep in SWEEPS:
+        return SWEEPS[sweep]
+    is_study = any(c in runs for c in F.TRIAL_TAGS)
+    return (CURVES, *STUDY) if is_study else (CURVES,)
+
+
+def _draw(specs: tuple[Spec, ...], runs, history, out: Path, metric: str) -> tuple[list[str], list[str]]:
+    """Draw every figure; a figure the data cannot support is skipped with a note, never a crash."""
+    drawn, notes = [], []
+    for spec in specs:
+        path = out / spec.file
+        path.unlink(missing_ok=True)  # never leave a stale figure from an earlier report
+        try:
+            plot = spec.draw(runs, history, path, metric=metric) if spec.history else \
+                spec.draw(runs, path, metric=metric)
+        except AnalysisError as err:
+            notes.append(f"{spec.file} not drawn: {err}")
+            continue
+        drawn.append(f"![{plot.path.stem}]({plot.path.name}) ({plot.series} series)")
+    return drawn, notes
+
+
+# --- summary.md ------------------------------------------------------------------------------
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _ranking_section(ranking: pd.DataFrame, metric: str) -> list[str]:
+    table = ranking[["rank", "config", "seeds", "mean", "min", "max", "n_params", "syncs", "decode_speedup"]]
+    table = table.rename(columns={"mean": f"{metric} (mean)", "min": "min (seeds)", "max": "max (seeds)",
+                                  "decode_speedup": "decode speed-up"})
+    return [f"## Ranking by final {metric} (mean over seeds)", "", markdown_table(table), ""]
+
+
+def _arch_separation(finished: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
+    """Two architectures, each (per schedule) the seeds of one configuration: the report's fig. 17d."""
+    if "architecture.arch" not in finished or finished["architecture.arch"].nunique() != 2:
+        return []
+    within = "protocol.schedule" if "protocol.schedule" in finished else None
+    by = ["architecture.arch"] + ([within] if within else [])
+    if finished.groupby(by)["config"].nunique().max() > 1:
+        return []  # pooling different configurations into one group would say nothing
+    frame = curves.merge(finished[["run_id", *by]], on="run_id")
+    try:
+        distances = distances_within(frame, "architecture.arch", within)
+    except AnalysisError as err:
+        return [f"- architectures: not computed: {err}"]
+    return [_separation_text(f"architectures ({within}={key})" if within else "architectures", dist)
+            for key, dist in distances.items()]
+
+
+def _top_two_separation(finished: pd.DataFrame, curves: pd.DataFrame, ranking: pd.DataFrame) -> list[str]:
+    if len(ranking) < 2:
+        return []
+    top = ranking["config"].iloc[:2].tolist()
+    frame = curves.merge(finished[["run_id", "config"]], on="run_id")
+    frame = frame[frame["config"].isin(top)]
+    counts = members(frame, "config") if len(frame) else pd.Series(dtype=int)
+    if len(counts) < 2 or counts.min() < 2:
+        return [f"- best two ({top[0]} vs {top[1]}): not computed, needs >= 2 finished seeds each"]
+    return [_separation_text(f"best two: {top[0]} vs {top[1]}", extremum_distance(frame, "config", *top))]
+
+
+def _separation_lines(finished, history, ranking, metric: str) -> list[str]:
+    curves = history[history["key"] == metric]
+    lines = _arch_separation(finished, curves) + _top_two_separation(finished, curves, ranking)
+    return ["## Separation (extremum distance, equation 12)", "", *lines, ""] if lines else []
+
+
+def _separation_text(what: str, dist: pd.DataFrame) -> str:
+    if dist.empty:
+        return f"- {what}: no common steps"
+    step, last = separation_step(dist), dist.sort_values("step").iloc[-1]
+    verdict = f"separated from step {step}" if step is not None else "not separated at the last step"
+    return f"- {what}: {verdict} (distance {last['distance']:.4g} at step {int(last['step'])})"
+
+
+def _run_note(run: pd.Series, step) -> str:
+    where = f"at step {int(step)}" if step is not None else "no step logged"
+    reasons = [run.get(t) for t in ("error", "killed_reason")]
+    reason = next((r.splitlines()[0][:200] for r in reasons if isinstance(r, str) and r), "")
+    why = f"; {'error' if run['status'] == 'FAILED' else 'reason'}: {reason}" if reason else ""
+    return f"- {run['status']}: {run['run_name']} (run_key {run.get('run_key', '?')}) {where}{why}"
+
+
+def _notes(runs: pd.DataFrame, history: pd.DataFrame) -> list[str]:
+    """Runs that did not finish (with their last step and error) and configurations with no finished run."""
+    last = history[history["key"] == "train_loss"].groupby("run_id")["step"].max()
+    notes = [_run_note(run, last.get(run["run_id"]))
+             for status in ("FAILED", "KILLED", "RUNNING", "SCHEDULED")
+             for _, run in runs[runs["status"] == status].iterrows()]
+    return notes + [f"- missing (no finished run): {name}" for name in missing_configs(runs)]
+
+
+def _summary(sweep: str, uri: str, runs, ranking, sections: list[str], metric: str) -> str:
+    counts = runs["status"].value_counts()
+    states = ", ".join(f"{n} {s}" for s, n in counts.items())
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = [f"# Sweep report: {sweep}", "", f"- tracking: `{uri}`", f"- runs: {len(runs)} ({states})",
+            f"- configurations ranked: {len(ranking)}", f"- generated: {stamp}", ""]
+    return "\n".join(head + _ranking_section(ranking, metric) + sections) + "\n"
+
+
+def build_report(sweep: str, tracking_uri: str | None = None, out_dir: str | Path = "reports",
+                 metric: str = "train_loss") -> Path:
+    """Write out_dir/<sweep>/ (figures + summary.md) from the MLflow experiment `sweep`; return the folder."""
+    uri = tracking_uri or default_tracking_uri()
+    known = experiment_names(uri)
+    if sweep not in known:
+        raise AnalysisError(f"no experiment {sweep!r} in {uri}; experiments: {', '.join(known) or 'none'}; "
+                            f"sweeps with report figures: {', '.join(SWEEPS)}")
+    runs = runs_table(sweep, uri)
+    runs = runs.assign(config=config_names(runs)) if len(runs) else runs
+    finished = runs[runs["status"] == "FINISHED"]
+    if finished.empty:
+        states = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items()) or "no runs"
+        raise AnalysisError(f"sweep {sweep!r} has no finished run yet ({states}): nothing to report")
+    history = metric_histories(runs["run_id"], ["train_loss", metric], uri)
+    out = Path(out_dir) / sweep
+    out.mkdir(parents=True, exist_ok=True)
+    ranking = rank_configs(runs, metric)
+    drawn, figure_notes = _draw(_specs(sweep, runs), finished, history, out, metric)
+    sections = _separation_lines(finished, history, ranking, metric)
+    sections += ["## Figures", "", *(f"- {d}" for d in drawn), ""] if drawn else []
+    notes = _notes(runs, history) + [f"- {n}" for n in figure_notes]
+    sections += ["## Notes", "", *(notes or ["- every run finished"]), ""]
+    (out / "summary.md").write_text(_summary(sweep, uri, runs, ranking, sections, metric))
+    return out
+
+
+# --- command line (registered in analysis/__main__.py) ------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    """`python -m analysis report`: bad input raises AnalysisError (a ValueError: exit code 2, one line)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        out = build_report(args.sweep, args.tracking_uri, args.out, args.metric)
+    except MlflowException as err:  # e.g. an unreachable tracking server
+        raise AnalysisError(f"MLflow: {str(err).splitlines()[0]}") from err
+    print(f"report written to {out}")
+    return 0
