@@ -1,0 +1,80 @@
+"""GPT-2 baseline (report section 5.2): learned positions, LayerNorm, GELU MLP, biases, multi-head attention.
+
+Parameters (H hidden, F = d_ffn, 4H in the preset): wte [V, H], wpe [max_seq_len, H]; per layer
+ln1 (w, b), attn.c_attn [H, 3H] + 3H, attn.c_proj [H, H] + H, ln2 (w, b), mlp.c_fc [H, F] + F,
+mlp.c_proj [F, H] + H; ln_f (w, b); head [V, H] unless tied. n_kv_heads is ignored (MHA).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.layers import init_weights
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.c_attn = nn.Linear(dim, 3 * dim)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, H]
+        B, T, H = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_heads, H // self.n_heads).unbind(2)  # [B, T, nh, hd]
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )  # [B, nh, T, hd]
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, H))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, d_ffn: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(dim, d_ffn)
+        self.c_proj = nn.Linear(d_ffn, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's tanh GELU
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, n_heads: int, d_ffn: int, eps: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = CausalSelfAttention(dim, n_heads)
+        self.ln2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, d_ffn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT2(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.arch != "gpt2":
+            raise ValueError(f"arch={cfg.arch!r}: GPT2 needs arch='gpt2'")
+        self.cfg = cfg
+        H = cfg.hidden
+        self.wte = nn.Embedding(cfg.vocab_size, H)
+        self.wpe = nn.Embedding(cfg.max_seq_len, H)
+        self.h = nn.ModuleList(Block(H, cfg.n_heads, cfg.d_ffn, cfg.norm_eps) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(H, eps=cfg.norm_eps)
+        self.head = nn.Linear(H, cfg.vocab_size, bias=False)
+        if cfg.tied:
+            self.head.weight = self.wte.weight
+        init_weights(self, cfg.depth)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # idx [B, T] -> logits [B, T, V]
+        T = idx.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # [B, T, H]
+        for block in self.h:
+            x = block(x)
+        return self.head(self.ln_f(x))

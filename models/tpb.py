@@ -1,0 +1,178 @@
+"""Hybrid Tensor Parallel Block model (report section 4, DESIGN.md section 4).
+
+    embedding [V, H] -> tp_blocks x [ TensorParallelBlock, n_classic_layers x DecoderLayer(H) ]
+                     -> RMSNorm -> head
+
+All lanes run as one computation: lane weights are stacked on a leading lane dimension L and
+applied with batched matmuls ([L, B*T, in] @ [L, in, out]); for attention the lanes are folded
+into the batch ([L*B, heads, T, hd]). There is no Python loop over lanes (tests/models/tpb_oracle.py
+holds the per-lane loop used as a test oracle).
+
+Parameters (L lanes, h lane hidden, Fl lane d_ffn, out = h (sandwich) or H / L (burger)):
+blocks.b.layers.d.{attn_norm [L, h], wq [L, h, h], wk, wv [L, h, kvl*hdl], wo [L, h, h],
+ffn_norm [L, h], w1, w2 [L, h, Fl], w3 [L, Fl, out]}; blocks.b.comm_norms.k [L, h] (one per
+(send, receive) pair); classic.b.c = models.layers.DecoderLayer at H.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.layers import DecoderLayer, RMSNorm, Rotary, causal_attention, init_weights
+
+
+class LaneRMSNorm(nn.Module):
+    """RMSNorm with one weight row per lane: x [L, N, h] -> [L, N, h]."""
+
+    def __init__(self, lanes: int, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(lanes, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], eps=self.eps) * self.weight[:, None, :]
+
+
+def add_to_own_slice(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Burger FFN residual: lane i adds f[i] [N, H/L] into its own feature slice i of x[i] [N, H].
+
+    Viewing x as [lane, N, slice, H/L], the slices lanes write are the (lane, slice) diagonal.
+    """
+    L, N, H = x.shape
+    xs = x.view(L, N, L, H // L)
+    own = xs.diagonal(dim1=0, dim2=2)  # [N, H/L, L]
+    return torch.diagonal_scatter(xs, own + f.permute(1, 2, 0), dim1=0, dim2=2).view(L, N, H)
+
+
+class LaneLayer(nn.Module):
+    """The decoder layer at one depth of all L lanes (a Llama layer with weights [L, in, out])."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        L, h, d_ffn = cfg.lane_count, cfg.lane_hidden, cfg.lane_d_ffn
+        kv_dim = cfg.lane_kv_heads * (h // cfg.lane_heads)
+        self.n_heads, self.n_kv_heads = cfg.lane_heads, cfg.lane_kv_heads
+        self.attn_norm = LaneRMSNorm(L, h, cfg.norm_eps)
+        self.wq = nn.Parameter(torch.empty(L, h, h))
+        self.wk = nn.Parameter(torch.empty(L, h, kv_dim))
+        self.wv = nn.Parameter(torch.empty(L, h, kv_dim))
+        self.wo = nn.Parameter(torch.empty(L, h, h))
+        self.ffn_norm = LaneRMSNorm(L, h, cfg.norm_eps)
+        self.w1 = nn.Parameter(torch.empty(L, h, d_ffn))
+        self.w2 = nn.Parameter(torch.empty(L, h, d_ffn))
+        self.w3 = nn.Parameter(torch.empty(L, d_ffn, cfg.lane_out))
+
+    def forward(self, x: torch.Tensor, rope, seq_len: int) -> torch.Tensor:  # x [L, N = B*T, h]
+        L, N, h = x.shape
+        a = self.attn_norm(x)
+        q, k, v = torch.bmm(a, self.wq), torch.bmm(a, self.wk), torch.bmm(a, self.wv)  # [L, N, *]
+        fold = (L * (N // seq_len), seq_len, -1)  # lanes folded into the batch: [L*B, T, *]
+        y = causal_attention(q.view(fold), k.view(fold), v.view(fold), self.n_heads, self.n_kv_heads, rope)
+        x = x + torch.bmm(y.view(L, N, h), self.wo)
+        a = self.ffn_norm(x)
+        f = torch.bmm(F.silu(torch.bmm(a, self.w1)) * torch.bmm(a, self.w2), self.w3)  # [L, N, out]
+        return x + f if f.shape[-1] == h else add_to_own_slice(x, f)
+
+
+class TensorParallelBlock(nn.Module):
+    """L lanes of lane_depth layers between a prepare and a merge, with delayed communication.
+
+                          x [B, T, H]
+                               |
+          prepare:  sandwich = split H into L chunks (h = H/L); burger = copy x (h = H)
+                 /             |               \\
+           lane 0 L0       lane 1 L0  ...  lane L-1 L0     one LaneLayer: state [L, B*T, h]
+               | send m_0      |                |
+           lane 0 L1       lane 1 L1  ...  lane L-1 L1
+               | receive: x_i = RMSNorm_k(x_i + sum_{j != i} m_0[j])   (or mean: / (L-1))
+              ...             ...              ...         (pairs (s, r) = cfg.comm_schedule())
+           lane 0 L(D-1)   lane 1 ...      lane L-1 L(D-1)
+                 \\             |               /
+          merge:    sandwich = concatenate; burger = lane i gives its slice i, concatenate
+                               |
+                          x [B, T, H]
+
+    A message is the output of lane layer s (before any message received at depth s is added).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.lanes, self.burger = cfg.lane_count, cfg.recipe == "burger"
+        self.layers = nn.ModuleList(LaneLayer(cfg) for _ in range(cfg.lane_depth))
+        schedule = cfg.comm_schedule()
+        self.comm_norms = nn.ModuleList(LaneRMSNorm(cfg.lane_count, cfg.lane_hidden, cfg.norm_eps) for _ in schedule)
+        self.receive_at = {r: (s, k) for k, (s, r) in enumerate(schedule)}  # receive depth -> (send, norm)
+        self.send_at = {s for s, _ in schedule}
+        self.mean = cfg.comm_reduction == "mean"
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, H] -> [L, B*T, h]
+        B, T, H = x.shape
+        if self.burger:
+            return x.reshape(1, B * T, H).expand(self.lanes, B * T, H)
+        return x.reshape(B * T, self.lanes, H // self.lanes).transpose(0, 1)
+
+    def merge(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:  # x [L, B*T, h] -> [B, T, H]
+        L, N, h = x.shape
+        if self.burger:
+            x = x.view(L, N, L, h // L).diagonal(dim1=0, dim2=2)  # [N, H/L, L]: slice i of lane i
+            return x.transpose(1, 2).reshape(B, T, h)
+        return x.transpose(0, 1).reshape(B, T, L * h)
+
+    def communicate(self, x: torch.Tensor, message: torch.Tensor, norm: LaneRMSNorm) -> torch.Tensor:
+        others = message.sum(0, keepdim=True) - message  # [L, N, h]: lane i gets sum over j != i
+        if self.mean:
+            others = others / (self.lanes - 1)
+        return norm(x + others)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:  # x [B, T, H] -> [B, T, H]
+        B, T, _ = x.shape
+        x = self.prepare(x)
+        sent = {}
+        for depth, layer in enumerate(self.layers):
+            x = layer(x, rope, T)
+            if depth in self.send_at:
+                sent[depth] = x
+            if depth in self.receive_at:
+                s, k = self.receive_at[depth]
+                x = self.communicate(x, sent.pop(s), self.comm_norms[k])
+        return self.merge(x, B, T)
+
+
+class TPB(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.arch != "tpb":
+            raise ValueError(f"arch={cfg.arch!r}: TPB needs arch='tpb'")
+        self.cfg = cfg
+        H = cfg.hidden
+        self.tok_emb = nn.Embedding(cfg.vocab_size, H)
+        self.lane_rope = Rotary(cfg.lane_hidden // cfg.lane_heads, cfg.max_seq_len, cfg.rope_theta)
+        if cfg.n_classic_layers:  # n_heads only has to fit H when classic layers exist
+            self.rope = Rotary(H // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.blocks = nn.ModuleList(TensorParallelBlock(cfg) for _ in range(cfg.tp_blocks))
+        self.classic = nn.ModuleList(
+            nn.ModuleList(
+                DecoderLayer(H, cfg.n_heads, cfg.n_kv_heads, cfg.d_ffn, cfg.norm_eps)
+                for _ in range(cfg.n_classic_layers)
+            )
+            for _ in range(cfg.tp_blocks)
+        )
+        self.norm = RMSNorm(H, cfg.norm_eps)
+        self.head = nn.Linear(H, cfg.vocab_size, bias=False)
+        if cfg.tied:
+            self.head.weight = self.tok_emb.weight
+        init_weights(self, cfg.depth)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # idx [B, T] -> logits [B, T, V]
+        T = idx.shape[1]
+        lane_rope = self.lane_rope(T)
+        rope = self.rope(T) if self.cfg.n_classic_layers else None
+        x = self.tok_emb(idx)  # [B, T, H]
+        for block, classic in zip(self.blocks, self.classic, strict=True):
+            x = block(x, lane_rope)
+            for layer in classic:
+                x = layer(x, rope)
+        return self.head(self.norm(x))
