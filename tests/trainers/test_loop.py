@@ -1,0 +1,230 @@
+"""train() in-process on a tiny Llama: metrics, eval, checkpoints, stop, input errors, NaN; the loggers."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import signal
+
+import pytest
+
+from models.counts import flops_per_token
+from tests.trainers.helpers import tiny_data, tiny_model, tiny_train
+from trainers import loop
+from trainers.data import prepare_data
+from trainers.logging import BufferedLogger, JsonlLogger, MultiLogger, read_jsonl
+from trainers.optim import lr_at
+
+METRICS = {"train_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu"}
+
+
+class Recorder:
+    """A MetricLogger that keeps every row and counts flushes."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict[str, float]]] = []
+        self.flushes: list[int] = []
+
+    def log(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+    def flush(self):
+        self.flushes.append(self.rows[-1][0] if self.rows else 0)
+
+
+@pytest.fixture(scope="module")
+def data_cfg(tmp_path_factory):
+    cfg = tiny_data(tmp_path_factory.mktemp("cache"))
+    prepare_data(cfg, context=32, progress=False)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def finished(data_cfg, tmp_path_factory):
+    """One straight 12-step run with a Recorder; shared by the tests that only read it."""
+    run_dir = tmp_path_factory.mktemp("run")
+    recorder = Recorder()
+    result = loop.train(tiny_model(), tiny_train(), data_cfg, run_dir, logger=recorder)
+    return run_dir, recorder, result
+
+
+def _ckpt_steps(run_dir) -> list[int]:
+    return sorted(int(p.stem.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*.sha256"))
+
+
+def test_every_step_logs_the_metrics(finished):
+    run_dir, recorder, result = finished
+    cfg = tiny_train()
+    assert [step for step, _ in recorder.rows] == list(range(1, 13))
+    for step, metrics in recorder.rows:
+        eval_step = step in (4, 8, 12)
+        assert set(metrics) == METRICS | ({"eval_loss"} if eval_step else set())
+        assert metrics["tokens"] == step * 512
+        assert metrics["lr"] == lr_at(step, cfg)
+        assert all(math.isfinite(v) for v in metrics.values())
+    first, last = recorder.rows[0][1]["train_loss"], recorder.rows[-1][1]["train_loss"]
+    assert math.log(512) - 0.1 < first < math.log(512) + 0.1  # starts near uniform over the 512 ids
+    assert last < first - 0.2  # and learns
+    assert result == loop.TrainResult("finished", 12, last, recorder.rows[-1][1]["eval_loss"], 12 * 512)
+
+
+def test_metrics_jsonl_is_the_same_record(finished):
+    run_dir, recorder, _ = finished
+    local = read_jsonl(run_dir / "metrics.jsonl")
+    assert local == [{"step": step, **metrics} for step, metrics in recorder.rows]
+
+
+def test_checkpoints_every_n_and_flush_at_each(finished):
+    run_dir, recorder, _ = finished
+    assert _ckpt_steps(run_dir) == [8, 12]  # every 4 steps, the last keep_ckpts=2 kept
+    assert recorder.flushes[:3] == [4, 8, 12]  # metrics flushed with every checkpoint (then on exit)
+
+
+def test_mfu_uses_the_peak_from_the_environment(data_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("TPB_PEAK_FLOPS", "1e9")
+    recorder = Recorder()
+    loop.train(tiny_model(), tiny_train(steps=2), data_cfg, tmp_path, logger=recorder)
+    fpt = flops_per_token(tiny_model(), 32)
+    for _, m in recorder.rows:
+        assert m["mfu"] == pytest.approx(fpt * m["tokens_per_s"] / 1e9, rel=1e-12)
+
+
+def test_finished_run_resumes_to_the_same_result_without_training(data_cfg, finished):
+    run_dir, _, result = finished
+    recorder = Recorder()
+    again = loop.train(tiny_model(), tiny_train(), data_cfg, run_dir, logger=recorder)
+    assert again == result and recorder.rows == []
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 12
+
+
+def test_should_stop_checkpoints_and_returns_stopped(data_cfg, tmp_path):
+    seen = []
+
+    def should_stop(step, metrics):
+        seen.append((step, set(metrics)))
+        return step == 5
+
+    result = loop.train(tiny_model(), tiny_train(), data_cfg, tmp_path, should_stop=should_stop)
+    assert result.status == "stopped" and result.step == 5 and result.tokens == 5 * 512
+    assert seen == [(1, METRICS), (2, METRICS), (3, METRICS), (4, METRICS | {"eval_loss"}), (5, METRICS)]
+    assert _ckpt_steps(tmp_path) == [4, 5]
+
+
+def test_signal_handlers_are_restored(data_cfg, tmp_path):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)
+    loop.train(tiny_model(), tiny_train(steps=1), data_cfg, tmp_path)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)) == before
+
+
+def test_bf16_autocast_changes_the_numbers_a_little(data_cfg, finished, tmp_path):
+    recorder = Recorder()
+    loop.train(tiny_model(), tiny_train(steps=2, precision="bf16"), data_cfg, tmp_path, logger=recorder)
+    fp32 = [m["train_loss"] for _, m in finished[1].rows[:2]]
+    bf16 = [m["train_loss"] for _, m in recorder.rows]
+    assert bf16 != fp32  # autocast is on
+    assert bf16 == pytest.approx(fp32, abs=0.02)
+
+
+def test_grad_inf_raises_before_the_update_and_keeps_checkpoints(data_cfg, tmp_path, monkeypatch):
+    step_fn = loop.train_step
+
+    def poisoned(run, n):
+        if n == 3:
+            run.params[0].register_hook(lambda g: g.fill_(math.inf))
+        return step_fn(run, n)
+
+    monkeypatch.setattr(loop, "train_step", poisoned)
+    with pytest.raises(loop.NonFiniteError, match=r"^step 3: grad norm is inf \(stopped before the optimizer step\)$"):
+        loop.train(tiny_model(), tiny_train(ckpt_every=2), data_cfg, tmp_path)
+    files = sorted((tmp_path / "checkpoints").iterdir())
+    assert [p.name for p in files] == ["step_00000002.pt", "step_00000002.sha256"]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()
+    assert digest == (tmp_path / "checkpoints" / "step_00000002.sha256").read_text()  # the good one, intact
+
+
+# --- input errors: raised before any step (no metrics, no checkpoint) ---
+
+def _assert_nothing_ran(run_dir) -> None:
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_unreachable_effective_batch(data_cfg, tmp_path):
+    with pytest.raises(ValueError, match=r"protocol.batch_tokens=500 is not a multiple of .* = 256"):
+        loop.train(tiny_model(), tiny_train(batch_tokens=500), data_cfg, tmp_path)
+    _assert_nothing_ran(tmp_path)
+
+
+def test_tokenizer_vocab_larger_than_the_model(data_cfg, tmp_path):
+    with pytest.raises(ValueError, match=r"architecture.vocab_size=256 .* tokenizer vocabulary \(512"):
+        loop.train(tiny_model(vocab_size=256), tiny_train(), data_cfg, tmp_path)
+    _assert_nothing_ran(tmp_path)
+
+
+def test_context_longer_than_the_model_allows(data_cfg, tmp_path):
+    with pytest.raises(ValueError, match="protocol.context=128 exceeds architecture.max_seq_len=64"):
+        loop.train(tiny_model(), tiny_train(context=128, batch_tokens=2048), data_cfg, tmp_path)
+    _assert_nothing_ran(tmp_path)
+
+
+def test_micro_batch_larger_than_the_corpus(data_cfg, tmp_path):
+    with pytest.raises(ValueError, match="protocol.micro_batch"):
+        loop.train(tiny_model(), tiny_train(micro_batch=8192, batch_tokens=8192 * 32), data_cfg, tmp_path)
+    _assert_nothing_ran(tmp_path)
+
+
+# --- loggers ---
+
+class FlakySink:
+    def __init__(self, failures: int) -> None:
+        self.failures, self.batches = failures, []
+
+    def write(self, rows):
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("tracking server down")
+        self.batches.append(list(rows))
+
+
+def test_buffered_logger_batches_and_flushes():
+    sink = FlakySink(failures=0)
+    logger = BufferedLogger(sink, max_rows=3)
+    for step in range(1, 8):
+        logger.log({"train_loss": float(step)}, step)
+    assert [[s for s, _ in b] for b in sink.batches] == [[1, 2, 3], [4, 5, 6]]
+    logger.flush()
+    assert [s for s, _ in sink.batches[-1]] == [7] and logger.rows == []
+
+
+def test_buffered_logger_keeps_rows_while_the_sink_fails():
+    sink = FlakySink(failures=2)
+    logger = BufferedLogger(sink, max_rows=2)
+    with pytest.warns(UserWarning, match="metric sink failed, keeping 2 rows"):
+        for step in range(1, 5):
+            logger.log({"x": float(step)}, step)  # flushes at 2 rows (fails) and at 3 rows (fails)
+    logger.flush()
+    assert [s for s, _ in sink.batches[0]] == [1, 2, 3, 4]  # replayed once, in order
+
+
+def test_jsonl_keeps_rows_through_the_resumed_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = JsonlLogger(path)
+    for step in range(1, 7):
+        log.log({"train_loss": 1.0 / step, "grad_norm": math.inf if step == 6 else 1.0}, step)
+    log.close()
+    with open(path, "a") as f:
+        f.write('{"step": 7, "train_lo')  # torn by a SIGKILL
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4, 5, 6]
+    assert read_jsonl(path)[-1]["grad_norm"] == math.inf
+    JsonlLogger(path, keep_through=4).close()
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4]
+    JsonlLogger(path).close()  # a fresh run (nothing to resume) starts an empty record
+    assert read_jsonl(path) == []
+
+
+def test_multi_logger_fans_out():
+    a, b = Recorder(), Recorder()
+    multi = MultiLogger(a, None, b)
+    multi.log({"x": 1.0}, 1)
+    multi.flush()
+    assert a.rows == b.rows == [(1, {"x": 1.0})] and a.flushes == b.flushes == [1]
