@@ -92,11 +92,15 @@ class ModelConfig:
             raise ValueError(f"arch={self.arch!r}: unknown architecture, allowed: {', '.join(ARCHS)}")
         for name in ("vocab_size", "hidden", "n_heads", "n_kv_heads", "max_seq_len"):
             _positive(name, getattr(self, name))
-        if self.ffn_mult <= 0:
-            raise ValueError(f"ffn_mult={self.ffn_mult}: must be > 0")
+        if self.ffn_mult <= 0 or self.d_ffn < 1:
+            raise ValueError(f"ffn_mult={self.ffn_mult}: must give d_ffn = round(ffn_mult * hidden) >= 1")
+        if self.comm_reduction not in REDUCTIONS:
+            raise ValueError(f"comm_reduction={self.comm_reduction!r}: allowed: {', '.join(REDUCTIONS)}")
         if self.arch != "tpb":
             _positive("n_layers", self.n_layers)
-            _heads_fit("n_", self.hidden, self.n_heads, self.n_kv_heads, rope=self.arch == "llama")
+            # GPT-2 is multi-head attention: n_kv_heads does not apply to it.
+            kv_heads = self.n_heads if self.arch == "gpt2" else self.n_kv_heads
+            _heads_fit("n_", self.hidden, self.n_heads, kv_heads, rope=self.arch == "llama")
             return
         self._validate_tpb()
 
@@ -107,8 +111,10 @@ class ModelConfig:
             _positive(name, getattr(self, name))
         if not isinstance(self.n_classic_layers, int) or self.n_classic_layers < 0:
             raise ValueError(f"n_classic_layers={self.n_classic_layers!r}: must be an integer >= 0")
-        if self.lane_ffn_mult <= 0:
-            raise ValueError(f"lane_ffn_mult={self.lane_ffn_mult}: must be > 0")
+        if self.lane_ffn_mult <= 0 or self.lane_d_ffn < 1:
+            raise ValueError(
+                f"lane_ffn_mult={self.lane_ffn_mult}: must give round(lane_ffn_mult * lane_hidden) >= 1"
+            )
         if self.hidden % self.lane_count:
             raise ValueError(
                 f"lane_count={self.lane_count} does not divide hidden={self.hidden}: "
@@ -130,10 +136,6 @@ class ModelConfig:
         if not isinstance(self.comm_interleave, int) or self.comm_interleave < 0:
             raise ValueError(f"comm_interleave={self.comm_interleave!r}: must be an integer >= 0")
         _positive("comm_length", self.comm_length)
-        if self.comm_reduction not in REDUCTIONS:
-            raise ValueError(
-                f"comm_reduction={self.comm_reduction!r}: allowed: {', '.join(REDUCTIONS)}"
-            )
 
     # --- derived shapes ---
     @property

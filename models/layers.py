@@ -4,8 +4,9 @@ Smallest parts first: RMSNorm -> rotary tables -> causal attention core -> Atten
 -> SwiGLU -> DecoderLayer (pre-norm) -> weight initialisation used by every model.
 
 Shapes: B batch, T sequence, D model width, nh / nkv query / key-value heads, hd head dim.
-Linear weights are nn.Linear ([out, in]), so `x @ W` of the notes is `F.linear(x, W.T)`; the
-layout (rotate-half RoPE, no biases) is the Hugging Face Llama one, so export needs no permutation.
+Dense weights are nn.Linear, stored [out, in] (the transpose of the [in, out] written in the
+interfaces, same element count). Layout and rotate-half RoPE follow Hugging Face Llama, so export
+needs no permutation.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ BAD = [  # (case, fields, text the message must contain)
     ("unknown arch", dict(arch="mamba"), "arch='mamba'"),
     ("unknown recipe", dict(TPB, recipe="club"), "recipe='club'"),
     ("unknown reduction", dict(COMM, comm_reduction="max"), "comm_reduction='max'"),
+    ("unknown reduction, comm off", dict(TPB, comm_reduction="max"), "comm_reduction='max'"),
+    ("ffn_mult rounds d_ffn to 0", dict(hidden=64, ffn_mult=0.001), "ffn_mult=0.001"),
+    ("lane_ffn_mult rounds lane d_ffn to 0", dict(TPB, lane_ffn_mult=0.01), "lane_ffn_mult=0.01"),
     ("lanes do not divide hidden, burger", dict(TPB, recipe="burger", hidden=66), "lane_count=4 does not divide hidden=66"),
     ("lanes do not divide hidden, sandwich", dict(TPB, recipe="sandwich", hidden=66), "lane_count=4 does not divide hidden=66"),
     ("comm_start = lane_depth", dict(COMM, comm_start=3), "comm_start=3"),
@@ -58,6 +61,7 @@ def test_bad_input_names_field_and_value(fields, message):
 
 GOOD = [
     ("llama default", dict()),
+    ("gpt2 ignores n_kv_heads", dict(arch="gpt2", n_heads=4, n_kv_heads=3)),
     ("kraken communication", dict(COMM, comm_start=0, comm_interleave=0, comm_length=1)),
     ("message past the lane depth is dropped, not refused", dict(COMM, comm_start=2, comm_length=5)),
     ("gpt2 with an odd head dim (no RoPE)", dict(arch="gpt2", hidden=36, n_heads=4, n_kv_heads=4)),

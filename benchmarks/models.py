@@ -1,0 +1,164 @@
+"""Model speed figures (issue 2). Run: python benchmarks/models.py [llama] [tpb] [loop]  (all by default).
+
+Prints one `name: value` line per figure. Every figure times full training steps (forward,
+cross-entropy, backward, AdamW) at batch 8 x sequence 256; contenders are timed interleaved
+(A, B, A, B, ...) so that load from other processes hits them alike, and each figure is a ratio
+of median tokens/s over REPS repetitions.
+
+    llama_vs_hf_fp32       our Llama / transformers.LlamaForCausalLM, same config and weights, fp32
+    llama_bf16_vs_hf_fp32  our Llama under torch.autocast(bfloat16) / the same HF model in fp32
+    tpb_vs_dense_<L>lanes  TPB / a dense Llama of (nearly) the same training FLOPs per token, as
+                           achieved FLOP/s (tokens/s x FLOPs/token, models.counts.flops_per_token),
+                           per recipe, and the min over recipes (the figure)
+    batched_vs_loop_8lanes batched lanes / the per-lane loop oracle (tests/models/tpb_oracle.py)
+    mfu_fp32, mfu_bf16     our Llama's achieved FLOP/s / the peak of a large torch.mm measured here
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# OpenMP threads sleep instead of spinning at barriers: on a machine shared with other processes,
+# spinning threads waiting for a descheduled peer make timings 2-3x slower and erratic.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: models/, tests/
+
+from models import ModelConfig, build_model  # noqa: E402
+from models.counts import flops_per_token  # noqa: E402
+from models.hf import to_hf  # noqa: E402
+from tests.models.tpb_oracle import LoopTPB  # noqa: E402
+
+SEQ, BATCH, VOCAB = 256, 8, 8192
+REPS, STEPS = 5, 1  # repetitions (median) x training steps timed per repetition
+BASE = dict(vocab_size=VOCAB, tied=True, max_seq_len=SEQ)
+LLAMA = ModelConfig(arch="llama", hidden=256, ffn_mult=2.0, n_layers=4, n_heads=4, n_kv_heads=2, **BASE)
+
+
+def dense(hidden: int, n_layers: int) -> ModelConfig:
+    return ModelConfig(arch="llama", hidden=hidden, n_layers=n_layers, n_heads=hidden // 64,
+                       n_kv_heads=hidden // 128, **BASE)
+
+
+def tpb(recipe: str, hidden: int, lanes: int, depth: int) -> ModelConfig:
+    h = hidden // lanes if recipe == "sandwich" else hidden
+    return ModelConfig(arch="tpb", recipe=recipe, hidden=hidden, lane_count=lanes, lane_depth=depth,
+                       tp_blocks=1, n_classic_layers=0, lane_heads=max(1, h // 64),
+                       lane_kv_heads=max(1, h // 128), **BASE)
+
+
+# (lanes, recipe) -> (TPB, dense Llama with the closest training FLOPs per token)
+TPB_CASES = {
+    (4, "sandwich"): (tpb("sandwich", 512, 4, 6), dense(512, 2)),
+    (4, "burger"): (tpb("burger", 256, 4, 2), dense(256, 7)),
+    (8, "sandwich"): (tpb("sandwich", 512, 8, 8), dense(512, 2)),
+    (8, "burger"): (tpb("burger", 256, 8, 2), dense(256, 13)),
+}
+
+
+def train_step(model: torch.nn.Module, bf16: bool = False, hf: bool = False):
+    """A closure running one training step on a fixed random batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same optimizer for every contender
+    idx = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    x, y = idx[:, :-1], idx[:, 1:]
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x).logits if hf else model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def tokens_per_s(steps: dict) -> dict[str, float]:
+    """Median tokens/s of each step closure, timed interleaved, after one warm-up step each."""
+    for step in steps.values():
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(REPS):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(STEPS):
+                step()
+            times[name].append((time.perf_counter() - start) / STEPS)
+    return {name: BATCH * SEQ / statistics.median(t) for name, t in times.items()}
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048) -> float:
+    """FLOP/s of an n x n x n torch.mm (best of 10: a peak, not a typical value)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times)
+
+
+def show(name: str, value: float) -> None:
+    print(f"{name}: {value:.3f}", flush=True)
+
+
+def llama_figures() -> None:
+    torch.manual_seed(0)
+    ours = build_model(LLAMA)
+    theirs = to_hf(ours).train()
+    speed = tokens_per_s({
+        "ours_fp32": train_step(ours), "ours_bf16": train_step(ours, bf16=True),
+        "hf_fp32": train_step(theirs, hf=True),
+    })
+    show("llama_vs_hf_fp32", speed["ours_fp32"] / speed["hf_fp32"])
+    show("llama_bf16_vs_hf_fp32", speed["ours_bf16"] / speed["hf_fp32"])
+    flops = flops_per_token(LLAMA, SEQ)
+    show("mfu_fp32", speed["ours_fp32"] * flops / gemm_peak(torch.float32))
+    show("mfu_bf16", speed["ours_bf16"] * flops / gemm_peak(torch.bfloat16))
+
+
+def tpb_figures() -> None:
+    for lanes in (4, 8):
+        ratios = {}
+        for recipe in ("sandwich", "burger"):
+            tpb_cfg, dense_cfg = TPB_CASES[lanes, recipe]
+            torch.manual_seed(0)
+            speed = tokens_per_s({"tpb": train_step(build_model(tpb_cfg)), "dense": train_step(build_model(dense_cfg))})
+            achieved = {name: speed[name] * flops_per_token(cfg, SEQ) for name, cfg in
+                        (("tpb", tpb_cfg), ("dense", dense_cfg))}
+            ratios[recipe] = achieved["tpb"] / achieved["dense"]
+            show(f"tpb_vs_dense_{lanes}lanes_{recipe}", ratios[recipe])
+        show(f"tpb_vs_dense_{lanes}lanes", min(ratios.values()))
+
+
+def loop_figures() -> None:
+    ratios = {}
+    for recipe in ("sandwich", "burger"):
+        torch.manual_seed(0)
+        model = build_model(TPB_CASES[8, recipe][0])
+        speed = tokens_per_s({"batched": train_step(model), "loop": train_step(LoopTPB(model))})
+        ratios[recipe] = speed["batched"] / speed["loop"]
+        show(f"batched_vs_loop_8lanes_{recipe}", ratios[recipe])
+    show("batched_vs_loop_8lanes", min(ratios.values()))
+
+
+def main() -> None:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    sections = {"llama": llama_figures, "tpb": tpb_figures, "loop": loop_figures}
+    for name in sys.argv[1:] or sections:  # e.g. `python benchmarks/models.py llama` runs one section
+        sections[name]()
+    print(f"# {time.perf_counter() - start:.0f} s, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"1-min load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end (other processes skew figures)")
+
+
+if __name__ == "__main__":
+    main()
