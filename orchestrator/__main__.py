@@ -1,0 +1,92 @@
+"""`python -m orchestrator [overrides]`: one run; `python -m orchestrator +sweep=NAME -m [overrides]`: a sweep.
+
+    python -m orchestrator                                   # the defaults of conf/config.yaml
+    python -m orchestrator architecture=burger protocol.lr=1e-3
+    python -m orchestrator +sweep=lane_count -m              # conf/sweep/lane_count.yaml
+    python -m orchestrator +sweep=lane_count -m dry_run=true # solved shapes only, nothing launched
+    python -m orchestrator +sweep=lane_count -m protocol=paper data=fineweb_edu cluster=slurm
+
+Exit codes: 0 every run finished (or was skipped, or detached); 1 some run failed or was killed;
+2 bad input (unknown key, group option or sweep, bad value, unsolvable budget, unwritable output
+directory, unreachable tracking store, a `_target_` override): nothing launched, nothing written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+
+from orchestrator.config import ConfigError, bad_input_message, register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+FAILED = ("failed", "killed")
+
+
+def _plugins_importable() -> None:
+    """Hydra finds our launcher and sweeper in the `hydra_plugins` namespace package next to this one."""
+    if importlib.util.find_spec("hydra_plugins") is None or importlib.util.find_spec("hydra_plugins.tpb_launcher") is None:
+        sys.path.append(str(ROOT))
+
+
+def _refuse_targets(argv: list[str]) -> None:
+    for arg in argv:
+        if "_target_" in arg:
+            sys.stderr.write(f"error: the override {arg!r} sets a `_target_`: overrides never choose what gets "
+                             "instantiated\nnothing was launched or written.\n")
+            raise SystemExit(2)
+
+
+def _multirun_first(argv: list[str]) -> list[str]:
+    """Accept `-m` anywhere (`... +sweep=x -m protocol=paper`): argparse wants the flag before the overrides."""
+    flags = [a for a in argv if a in ("-m", "--multirun")]
+    return flags[:1] + [a for a in argv if a not in ("-m", "--multirun")]
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def _single(cfg) -> dict:
+    """Without -m: the one composed config goes through the same launcher as a sweep."""
+    from orchestrator.launcher import launch
+
+    try:
+        return launch([cfg], [_task_overrides()])[0]
+    except ConfigError as error:
+        sys.stderr.write(bad_input_message(error))
+        raise SystemExit(2) from error
+    except Exception as error:  # a bug, not bad input (Hydra would report it with exit code 1)
+        traceback.print_exc()
+        raise SystemExit(3) from error
+
+
+def main() -> None:
+    _refuse_targets(sys.argv[1:])
+    sys.argv[1:] = _multirun_first(sys.argv[1:])
+    _plugins_importable()
+    register_configs()
+    from orchestrator import launcher
+
+    try:
+        _single()
+    except SystemExit as done:
+        if done.code == 1:  # Hydra reports its own composition / override errors with exit code 1
+            sys.stderr.write("nothing was launched or written.\n")
+            raise SystemExit(2) from done
+        raise
+    except Exception:  # a bug, not bad input
+        traceback.print_exc()
+        raise SystemExit(3) from None
+    if any(o.get("status") in FAILED for o in launcher.LAST_OUTCOMES):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

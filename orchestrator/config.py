@@ -1,0 +1,242 @@
+"""The run configuration: one dataclass per config group, gathered into RunConfig.
+
+    conf/architecture/*.yaml -> ModelConfig   (models/config.py)
+    conf/protocol/*.yaml     -> TrainConfig   (trainers/config.py) + budget, tolerance
+    conf/data/*.yaml         -> DataConfig    (trainers/config.py)
+    conf/cluster/*.yaml      -> ClusterConfig
+    conf/tracking/*.yaml     -> TrackingConfig
+
+RunConfig is stored in Hydra's ConfigStore as `base_config` (first entry of conf/config.yaml's
+defaults list), so every YAML file and every override is type-checked against it while Hydra
+composes. `to_run_config` turns the composed DictConfig into these dataclasses once, at the entry
+point; nothing below the orchestrator sees Hydra or OmegaConf.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.config import ModelConfig
+from trainers.config import DataConfig, TrainConfig
+
+CLUSTER_KINDS = ("local", "slurm")
+PROCESS_LAUNCHERS = ("submitit", "torchrun")
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(ValueError):
+    """Bad input found before anything is launched; the message names the field."""
+
+
+class LaunchError(ConfigError):
+    """Bad input found only at submission (e.g. sbatch refuses the cluster settings): runs exist by then."""
+
+
+def bad_input_message(error: Exception) -> str:
+    tail = "" if isinstance(error, LaunchError) else "\nnothing was launched or written."
+    return f"error: {str(error).strip()}{tail}\n"
+
+
+@dataclass
+class ClusterConfig:
+    kind: str = "local"
+    """local (processes on this machine through submitit's LocalExecutor) | slurm (sbatch job arrays)."""
+    launcher: str = "submitit"
+    """How a multi-process job starts its ranks: submitit (one task per GPU) | torchrun (one torch elastic
+    launcher per job and node, nproc_per_node = gpus_per_node)."""
+    threads_per_job: int = 0
+    """torch threads of each job's process (0 = auto: the cores divided among the concurrent CPU jobs)."""
+    gpus_per_node: int = 0
+    """GPUs of one job on each of its nodes (local: per job; 0 = CPU)."""
+    nodes: int = 1
+    """Nodes per job (slurm only; the local cluster is one node)."""
+    tasks_per_node: int = 0
+    """Processes per node (0 = gpus_per_node, or 1 on CPU); DDP world size = nodes x tasks_per_node."""
+    max_parallel: int = 0
+    """Jobs running at once. local: 0 = auto (cores // threads on CPU, visible GPUs // gpus_per_node);
+    slurm: the job array's parallelism cap (0 = no cap)."""
+    cpus_per_task: int = 0
+    """slurm --cpus-per-task (0 = the cluster's default)."""
+    mem_gb: int = 0
+    """slurm --mem in GB per node (0 = the cluster's default)."""
+    timeout_min: float = 1440
+    """Wall time per job in minutes (rounded up for Slurm); a job past it is signalled (SIGUSR2,
+    signal_delay_s before), checkpoints and is requeued, at most max_num_timeout times."""
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    signal_delay_s: int = 120
+    """Seconds before the wall time at which the preemption signal (SIGUSR2) is sent."""
+    max_num_timeout: int = 3
+    """Requeues allowed after timeouts (preemptions are always requeued)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before each job (slurm: in the sbatch script, e.g. `module load rocm`)."""
+    additional: dict[str, str] = field(default_factory=dict)
+    """Extra #SBATCH options, e.g. {exclusive: '', gres-flags: enforce-binding}."""
+    folder: str = ""
+    """submitit's folder of pickles and logs ('' = <output_dir>/<name>/.submitit)."""
+    poll_s: float = 1.0
+    """Seconds between two looks at the jobs while waiting."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in CLUSTER_KINDS:
+            raise ValueError(f"cluster.kind={self.kind!r}: allowed: {', '.join(CLUSTER_KINDS)}")
+        if self.launcher not in PROCESS_LAUNCHERS:
+            raise ValueError(f"cluster.launcher={self.launcher!r}: allowed: {', '.join(PROCESS_LAUNCHERS)}")
+        for name in ("threads_per_job", "gpus_per_node", "tasks_per_node", "max_parallel", "cpus_per_task",
+                     "mem_gb", "max_num_timeout", "signal_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"cluster.{name}={getattr(self, name)}: must be >= 0")
+        if self.nodes < 1:
+            raise ValueError(f"cluster.nodes={self.nodes}: must be >= 1")
+        if not self.timeout_min > 0:
+            raise ValueError(f"cluster.timeout_min={self.timeout_min}: must be > 0")
+        if self.kind == "local" and self.nodes != 1:
+            raise ValueError(f"cluster.nodes={self.nodes}: the local cluster is one node (use cluster=slurm)")
+        if self.launcher == "torchrun" and self.kind == "slurm" and self.nodes > 1:
+            raise ValueError("cluster.launcher=torchrun runs on one node: use launcher=submitit for nodes > 1")
+        if self.poll_s <= 0:
+            raise ValueError(f"cluster.poll_s={self.poll_s}: must be > 0")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""
+    """MLflow tracking URI: '' = sqlite:///<launch dir>/mlflow.db; any SQLAlchemy URL
+    (postgresql://user@host/db) or a tracking server (http://127.0.0.1:5000). Relative SQLite paths are
+    made absolute by the parent process, against the directory the command is launched from."""
+    heartbeat_s: float = 30.0
+    """A running job sets its `heartbeat` tag this often."""
+    stale_after_s: float = 120.0
+    """A RUNNING run whose heartbeat is older than this and whose job is gone is marked KILLED."""
+
+    def __post_init__(self) -> None:
+        if self.uri:
+            scheme = self.uri.split(":", 1)[0].split("+", 1)[0].lower()
+            if ":" not in self.uri or scheme not in TRACKING_SCHEMES:
+                raise ValueError(
+                    f"tracking.uri={self.uri!r}: expected sqlite:///path, a SQLAlchemy URL "
+                    f"(postgresql://..., mysql://...) or http(s)://host:port"
+                )
+        if self.heartbeat_s <= 0 or self.stale_after_s <= self.heartbeat_s:
+            raise ValueError(
+                f"tracking.heartbeat_s={self.heartbeat_s}, tracking.stale_after_s={self.stale_after_s}: "
+                "need 0 < heartbeat_s < stale_after_s"
+            )
+
+
+@dataclass
+class RunConfig:
+    architecture: ModelConfig = field(default_factory=ModelConfig)
+    protocol: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    name: str = "default"
+    """Sweep name: the MLflow experiment and the folder <output_dir>/<name>."""
+    budget: int = 0
+    """Parameter budget (embedding included) the hidden size is solved for; 0 = keep architecture.hidden."""
+    tolerance: float = 0.02
+    """Largest relative deviation |params - budget| / budget the solver accepts."""
+    token_scale: float = 1.0
+    """Multiplies protocol.steps, so the tokens trained (the dataset_size sweep: 2..10 x the protocol)."""
+    output_dir: str = "runs"
+    """Run folders (<output_dir>/<name>/<run key>: checkpoints, metrics.jsonl); relative to the launch dir."""
+    dry_run: bool = False
+    """Print every job's solved shape and launch nothing, write nothing."""
+    detach: bool = False
+    """Submit the jobs and return at once (follow them with `python -m orchestrator.status`)."""
+    study: Any = None
+    """An Optuna study's settings (conf/study/, read by orchestrator.study_config); None for grids."""
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"name={self.name!r}: use letters, digits, '_', '-' or '.' (it names a folder)")
+        if self.budget < 0:
+            raise ValueError(f"budget={self.budget}: must be >= 0 (0 = keep architecture.hidden)")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance={self.tolerance}: must be in (0, 1)")
+        if not (self.token_scale > 0 and math.isfinite(self.token_scale)):
+            raise ValueError(f"token_scale={self.token_scale}: must be > 0")
+        if not self.output_dir:
+            raise ValueError("output_dir is empty: give a folder for the run directories")
+
+
+def register_configs() -> None:
+    """Store RunConfig as `base_config` in Hydra's ConfigStore (conf/config.yaml lists it first)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=RunConfig)
+
+
+def find_targets(node: Any, path: str = "") -> list[str]:
+    """Dotted paths of every `_target_` key in a (plain or OmegaConf) nested mapping / list."""
+    found = []
+    if hasattr(node, "items"):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                found.append(where)
+            found += find_targets(value, where)
+    elif isinstance(node, (list, tuple)) or type(node).__name__ == "ListConfig":
+        for i, value in enumerate(node):
+            found += find_targets(value, f"{path}[{i}]")
+    return found
+
+
+def _start_hidden(arch: Any) -> int | None:
+    """A hidden size every divisibility rule of this structure accepts (the solver's starting point)."""
+    try:
+        heads, lanes, lane_heads = int(arch.n_heads), int(arch.lane_count), int(arch.lane_heads)
+    except (TypeError, ValueError):
+        return None
+    if min(heads, lanes, lane_heads) < 1:
+        return None
+    if arch.arch == "gpt2":
+        return heads * 64
+    if arch.arch == "llama":
+        return 2 * heads * 32
+    return math.lcm(2 * heads, lanes * 2 * lane_heads) * 2
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """Composed DictConfig (the task config, without `hydra`) -> RunConfig, validated.
+
+    With a budget, architecture.hidden is only the solver's starting point, so it is first replaced by a
+    value the structure accepts (the solver then sets the real one). Raises ConfigError.
+    """
+    from omegaconf import OmegaConf, open_dict, read_write
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = copy.deepcopy(cfg)
+    if "hydra" in cfg:
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
+    targets = find_targets(cfg)
+    if targets:
+        raise ConfigError(f"{targets[0]}: `_target_` keys are not accepted in run configs (nothing is instantiated)")
+    try:
+        if cfg.budget > 0:
+            start = _start_hidden(cfg.architecture)
+            if start is not None:
+                cfg.architecture.hidden = start
+        run = OmegaConf.to_object(cfg)
+    except (ValueError, TypeError, OmegaConfBaseException) as error:
+        raise ConfigError(str(error).strip()) from error
+    if not isinstance(run, RunConfig):
+        raise ConfigError("the composed config is not a RunConfig: conf/config.yaml must list base_config first")
+    return run

@@ -1,0 +1,148 @@
+"""From a validated RunConfig to a Job: solve the budget, apply token_scale, compute the run key.
+
+    run  = to_run_config(composed)      orchestrator/config.py (types, field checks)
+    job  = plan_job(run, overrides)     budget solved, every remaining check, run key, run name
+    jobs = dedupe(jobs)                 one job per run key (a Llama baseline in a TPB grid runs once)
+    print_plan(jobs)                    the dry-run table
+
+Everything that can refuse a job happens here, in the parent, before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.config import ConfigError, RunConfig
+from orchestrator.runkey import run_key
+
+DECODE_DEVICE, DECODE_GPUS = "H100", 8
+
+
+@dataclass
+class Job:
+    run: RunConfig
+    """Architecture solved for the budget, protocol.steps scaled by token_scale."""
+    run_key: str
+    params: int
+    deviation: float | None
+    """(params - budget) / budget; None without a budget."""
+    syncs: int
+    decode_speedup: float | None
+    """Predicted decode speed-up vs a Llama of the same parameter count on 8 x H100 (analysis.decode)."""
+    decode_time: float | None
+    """Predicted decode step time in seconds on 8 x H100."""
+    overrides: list[str] = field(default_factory=list)
+    run_name: str = ""
+
+    @property
+    def lane_hidden(self) -> int:
+        arch = self.run.architecture
+        return arch.lane_hidden if arch.arch == "tpb" else arch.hidden
+
+    @property
+    def label(self) -> str:
+        return f"{self.run.architecture.label()}-s{self.run.protocol.seed}"
+
+
+def _where(overrides: list[str]) -> str:
+    return f" (job: {' '.join(overrides)})" if overrides else ""
+
+
+def decode_prediction(arch: Any) -> tuple[float | None, float | None]:
+    """(speed-up vs same-size Llama, decode step seconds) on 8 x H100; (None, None) without analysis."""
+    try:
+        from analysis.decode import speedup
+    except ImportError:
+        return None, None
+    result = speedup(arch, DECODE_DEVICE, DECODE_GPUS)
+    return result.speedup, result.hybrid.step_s
+
+
+def plan_job(run: RunConfig, overrides: list[str] | None = None) -> Job:
+    """Solve, scale, check and key one run; raises ConfigError naming the field (and the job)."""
+    from models.budget import BudgetError, solve
+    from models.counts import param_count, sync_count
+
+    overrides = list(overrides or [])
+    arch, deviation = run.architecture, None
+    try:
+        if run.budget > 0:
+            solved = solve(arch, run.budget, run.tolerance)
+            arch, deviation = solved.config, solved.deviation
+        steps = max(1, round(run.protocol.steps * run.token_scale))
+        protocol = dataclasses.replace(run.protocol, steps=steps)
+        protocol.grad_accum(run.cluster.world_size)
+    except (BudgetError, ValueError) as error:
+        raise ConfigError(f"{error}{_where(overrides)}") from error
+    if protocol.context > arch.max_seq_len:
+        raise ConfigError(f"protocol.context={protocol.context} exceeds architecture.max_seq_len="
+                          f"{arch.max_seq_len}{_where(overrides)}")
+    run = dataclasses.replace(run, architecture=arch, protocol=protocol)
+    speedup, step_s = decode_prediction(arch)
+    job = Job(run=run, run_key=run_key(run), params=param_count(arch), deviation=deviation,
+              syncs=sync_count(arch), decode_speedup=speedup, decode_time=step_s, overrides=overrides)
+    job.run_name = job.label
+    return job
+
+
+def dedupe(jobs: list[Job]) -> tuple[list[Job], list[int]]:
+    """Unique jobs (first of each run key, in order) and, for every input job, its unique index."""
+    unique: list[Job] = []
+    index: dict[str, int] = {}
+    mapping = []
+    for job in jobs:
+        if job.run_key not in index:
+            index[job.run_key] = len(unique)
+            unique.append(job)
+        mapping.append(index[job.run_key])
+    _name_runs(unique)
+    return unique, mapping
+
+
+def _differing(jobs: list[Job]) -> list[tuple[str, str]]:
+    """(group, field) pairs whose value differs among jobs (protocol and data first, then architecture)."""
+    out = []
+    for group in ("protocol", "data", "architecture"):
+        values = [dataclasses.asdict(getattr(job.run, group)) for job in jobs]
+        for name in values[0]:
+            if len({repr(v[name]) for v in values}) > 1:
+                out.append((group, name))
+    return out
+
+
+def _name_runs(jobs: list[Job]) -> None:
+    """Run names: label-s<seed>, plus `-<field>=<value>` for whatever else tells same-label runs apart."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.label, []).append(job)
+    for label, same in groups.items():
+        differing = _differing(same) if len(same) > 1 else []
+        for job in same:
+            suffix = "".join(f"-{name}={getattr(getattr(job.run, group), name)}" for group, name in differing)
+            job.run_name = label + suffix
+
+
+def print_plan(jobs: list[Job], actions: list[str] | None = None, title: str = "") -> None:
+    """One row per job: name, shape, parameters, deviation, syncs, predicted decode speed-up, run key."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or None, show_lines=False, header_style="bold")
+    columns = ["#", "run", "hidden", "lane hidden", "params", "deviation", "syncs", "decode x", "run key"]
+    if actions is not None:
+        columns.append("action")
+    for name in columns:
+        left = name in ("run", "run key", "action")
+        table.add_column(name, justify="left" if left else "right", no_wrap=left)
+    for i, job in enumerate(jobs):
+        row = [
+            str(i), job.run_name, str(job.run.architecture.hidden), str(job.lane_hidden), f"{job.params:,}",
+            "-" if job.deviation is None else f"{job.deviation:+.2%}", str(job.syncs),
+            "-" if job.decode_speedup is None else f"{job.decode_speedup:.2f}", job.run_key,
+        ]
+        if actions is not None:
+            row.append(actions[i])
+        table.add_row(*row)
+    Console(width=max(160, Console().width)).print(table)

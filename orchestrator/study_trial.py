@@ -1,0 +1,93 @@
+"""The job side of a study trial: report intermediate losses to the study, ask the pruner.
+
+The sweeper holds the trial RUNNING while the job trains; the job opens the same storage and reports
+through an `optuna.trial.Trial` bound to that trial id (the pruner settings come from the study's
+user attrs, written by the sweeper, so the job needs only the storage, the study name and the number):
+
+    ref = TrialRef.from_study(cfg.study)          # None outside a study (study.trial unset)
+    result = train(..., should_stop=ref.should_stop() if ref else None)
+    # result.status == "stopped" -> the run was pruned (its checkpoint is kept)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.study_config import PrunerConfig, StudyConfig
+
+
+def _never(step: int, metrics: Mapping[str, float]) -> bool:
+    return False
+
+
+def make_should_stop(storage: str, study_name: str, trial_number: int, metric: str = "train_loss",
+                     every: int = 5) -> Callable[[int, dict[str, float]], bool]:
+    """should_stop(step, metrics) for trainers.loop.train: reports metrics[metric] to the trial every
+    `every` steps (eval_loss: whenever present) and returns trial.should_prune()."""
+    import optuna
+
+    from orchestrator.study import open_storage
+
+    store = open_storage(storage, create=False)
+    study = optuna.load_study(study_name=study_name, storage=store)
+    if len(study.directions) > 1:
+        return _never  # Optuna has no intermediate values for multi-objective studies
+    attrs = study.user_attrs.get("pruner")
+    study.pruner = PrunerConfig(**attrs).build() if attrs else optuna.pruners.NopPruner()
+    trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(study_name),
+                                                             trial_number)
+    trial = optuna.trial.Trial(study, trial_id)
+    detached = []
+
+    def should_stop(step: int, metrics: Mapping[str, float]) -> bool:
+        value = metrics.get(metric)
+        if detached or value is None or not math.isfinite(value):
+            return False
+        if metric == "train_loss" and step % every:
+            return False
+        try:
+            trial.report(float(value), step)
+            return trial.should_prune()
+        except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError) as err:
+            # the sweeper already ended this trial (e.g. a new parent marked it stale): keep training
+            warnings.warn(f"study {study_name} trial {trial_number}: stopped reporting ({err})", stacklevel=2)
+            detached.append(step)
+            return False
+
+    return should_stop
+
+
+@dataclass(frozen=True)
+class TrialRef:
+    """What a job needs to know about its trial (from the `study` node of its config)."""
+
+    storage: str
+    study: str
+    number: int
+    metric: str = "train_loss"
+    report_every: int = 5
+
+    @classmethod
+    def from_study(cls, node: Any) -> TrialRef | None:
+        """From cfg.study (mapping or DictConfig); None when the job is not a study trial."""
+        if node is None:
+            return None
+        if not isinstance(node, Mapping):
+            from omegaconf import OmegaConf
+
+            node = OmegaConf.to_container(node, resolve=True)
+        if node.get("trial") is None:
+            return None
+        cfg = StudyConfig.from_mapping(node)
+        return cls(cfg.storage, cfg.name, int(cfg.trial), cfg.metrics[0], cfg.pruner.report_every)
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags of the trial's run."""
+        return {"study": self.study, "trial": str(self.number), "study_storage": self.storage}
+
+    def should_stop(self) -> Callable[[int, dict[str, float]], bool]:
+        return make_should_stop(self.storage, self.study, self.number, self.metric, self.report_every)

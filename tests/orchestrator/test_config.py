@@ -1,0 +1,125 @@
+"""Every file in conf/ composes and converts to a validated RunConfig; the schema refuses what it should."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import (
+    ClusterConfig,
+    ConfigError,
+    RunConfig,
+    TrackingConfig,
+    find_targets,
+    to_run_config,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+GROUPS = ["architecture", "protocol", "data", "cluster", "tracking", "multirun"]
+ADDED = ["sweep", "study"]  # appended with +group=option
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def compose():
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import hydra_plugins.tpb_launcher.tpb_launcher  # noqa: F401  (stores the sweeper / launcher configs)
+    from orchestrator.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield hydra_compose
+
+
+def test_every_group_has_the_required_options():
+    assert set(options("architecture")) >= {"llama", "gpt2", "sandwich", "burger"}
+    assert set(options("protocol")) >= {"small", "initial", "paper"}
+    assert set(options("data")) >= {"stdlib", "fineweb_edu", "codeparrot"}
+    assert set(options("cluster")) >= {"local", "slurm", "supercomputer", "node8"}
+    assert set(options("tracking")) >= {"sqlite", "postgresql", "server"}
+    assert set(options("sweep")) >= {"lane_count", "aspect_ratio", "tp_blocks", "classic_layers", "delayed_comm",
+                                     "lr_range", "variance", "dataset_size", "first_wave"}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS + ADDED for o in options(g)])
+def test_every_conf_file_composes_and_converts(compose, group, option):
+    prefix = "+" if group in ADDED else ""
+    cfg = compose("config", overrides=[f"{prefix}{group}={option}"])
+    run = to_run_config(cfg)
+    assert isinstance(run, RunConfig)
+    if group == "architecture":
+        assert run.architecture.vocab_size == run.data.vocab_size  # follows the tokenizer (interpolation)
+        assert run.architecture.max_seq_len == run.protocol.context
+
+
+def test_defaults_are_the_cpu_protocol(compose):
+    run = to_run_config(compose("config"))
+    assert (run.architecture.arch, run.data.source, run.cluster.kind, run.tracking.uri) == ("llama", "stdlib", "local", "")
+    assert run.budget == 2_000_000 and run.protocol.context == 64 and run.data.vocab_size == 4096
+
+
+def test_paper_protocol_is_table_6(compose):
+    run = to_run_config(compose("config", overrides=["protocol=paper", "data=fineweb_edu"]))
+    p = run.protocol
+    assert (p.context, p.lr, p.weight_decay, p.schedule, p.warmup_frac, p.steps, p.precision) == (
+        2048, 3e-3, 0.1, "cosine", 0.1, 1000, "bf16")
+    assert p.batch_tokens == 1_048_576 == 512 * 2048
+    assert run.budget == 135_000_000 and run.architecture.tied
+    assert run.architecture.vocab_size == 32001
+    assert (run.data.hub_id, run.data.hub_config) == ("HuggingFaceTB/smollm-corpus", "fineweb-edu-dedup")
+
+
+def test_initial_protocol_is_section_5_1(compose):
+    run = to_run_config(compose("config", overrides=["protocol=initial", "data=codeparrot"]))
+    assert (run.protocol.context, run.protocol.lr, run.protocol.precision, run.architecture.tied) == (
+        128, 5e-4, "bf16", False)
+    assert run.data.hub_id == "transformersbook/codeparrot"
+
+
+def test_supercomputer_example_is_multi_node(compose):
+    run = to_run_config(compose("config", overrides=["cluster=supercomputer"]))
+    assert (run.cluster.kind, run.cluster.nodes, run.cluster.gpus_per_node, run.cluster.world_size) == ("slurm", 4, 8, 32)
+    node8 = to_run_config(compose("config", overrides=["cluster=node8"])).cluster
+    assert (node8.kind, node8.launcher, node8.gpus_per_node) == ("local", "torchrun", 8)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("protocol.schedule=bogus", "protocol.schedule"),
+    ("cluster.kind=k8s", "cluster.kind"),
+    ("name=bad/name", "name="),
+    ("tracking.uri=ftp://x", "tracking.uri"),
+    ("architecture.arch=mamba", "arch="),
+])
+def test_bad_values_name_the_field(compose, override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        to_run_config(compose("config", overrides=[override]))
+
+
+def test_target_keys_are_refused(compose):
+    from omegaconf import open_dict
+
+    cfg = compose("config")
+    with open_dict(cfg):
+        cfg.extra = {"inner": {"_target_": "os.system"}}
+    assert find_targets(cfg) == ["extra.inner._target_"]
+    with pytest.raises(ConfigError, match="_target_"):
+        to_run_config(cfg)
+
+
+def test_cluster_and_tracking_checks():
+    assert ClusterConfig(gpus_per_node=8).world_size == 8
+    assert ClusterConfig(kind="slurm", nodes=4, gpus_per_node=8, tasks_per_node=8).world_size == 32
+    with pytest.raises(ValueError, match="cluster.nodes=2"):
+        ClusterConfig(kind="local", nodes=2)
+    with pytest.raises(ValueError, match="heartbeat_s"):
+        TrackingConfig(heartbeat_s=60, stale_after_s=30)

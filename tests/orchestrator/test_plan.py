@@ -1,0 +1,126 @@
+"""Every sweep of conf/sweep/ expands to the report's jobs and every job solves under both protocols."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.counts import param_count, sync_count
+from orchestrator.config import ConfigError, to_run_config
+from orchestrator.plan import dedupe, plan_job
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+# sweep -> (jobs in the grid, unique run keys): the report's figures / tables
+SWEEPS = {
+    "lane_count": (15, 11),      # 5 lane counts x (sandwich, burger, llama); the llama runs once
+    "aspect_ratio": (8, 8),      # burger depths 8, 20, 32 + sandwich 3, 8, 16, 20, 32
+    "tp_blocks": (12, 12),       # (blocks, depth) in {(1,12), (2,6), (3,4), (4,3), (6,2), (12,1)} x 2 recipes
+    "classic_layers": (8, 8),    # 1-4 classic layers x 2 recipes
+    "delayed_comm": (48, 48),    # start 3 x interleave 4 x length 4
+    "lr_range": (6, 6),
+    "variance": (30, 30),        # (burger, llama) x (10 cosine + 5 wsd seeds)
+    "dataset_size": (14, 14),    # (burger, llama) x (2, 4, 6, 8, 10 x tokens + repeats at 4 and 6)
+    "first_wave": (7, 7),        # GPT-2, Llama, Burger-0..4
+}
+
+
+@pytest.fixture(scope="module")
+def hydra_env():
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import hydra_plugins.tpb_launcher.tpb_launcher  # noqa: F401
+    from orchestrator.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield compose, GlobalHydra.instance().config_loader()
+
+
+GROUPS = {"architecture", "protocol", "data", "cluster", "tracking"}
+
+
+def sweep_jobs(hydra_env, sweep: str, protocol: str):
+    """plan_job for every job of the sweep. Hydra composes once per set of group choices (0.2 s a compose);
+    the key overrides are then parsed by Hydra's override parser and set on a copy (typed, struct mode)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from orchestrator.grid import expand
+
+    compose, loader = hydra_env
+    base = [f"+sweep={sweep}", f"protocol={protocol}"]
+    sweeper = compose("config", overrides=base, return_hydra_config=True).hydra.sweeper
+    parser = OverridesParser.create()
+    composed: dict[tuple, object] = {}
+    jobs = []
+    for overrides in expand(loader, sweeper.get("params"), sweeper.get("grids"), []):
+        parsed = parser.parse_overrides(overrides)
+        groups = tuple(o.input_line for o in parsed if o.key_or_group in GROUPS)
+        if groups not in composed:
+            composed[groups] = compose("config", overrides=base + list(groups))
+        cfg = composed[groups].copy()
+        for o in parsed:
+            if o.key_or_group not in GROUPS:
+                OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+        jobs.append(plan_job(to_run_config(cfg), overrides))
+    return jobs
+
+
+@pytest.mark.parametrize("protocol", ["small", "paper"])
+@pytest.mark.parametrize("sweep", sorted(SWEEPS))
+def test_every_sweep_solves_under_both_protocols(hydra_env, sweep, protocol):
+    jobs = sweep_jobs(hydra_env, sweep, protocol)
+    unique, mapping = dedupe(jobs)
+    assert (len(jobs), len(unique)) == SWEEPS[sweep]
+    assert len(mapping) == len(jobs) and max(mapping) == len(unique) - 1
+    for job in unique:
+        run = job.run
+        assert job.params == param_count(run.architecture)
+        assert abs(job.params - run.budget) / run.budget == pytest.approx(abs(job.deviation))
+        assert abs(job.deviation) <= run.tolerance
+        assert job.syncs == sync_count(run.architecture)
+        assert run.name == sweep
+    assert len({job.run_name for job in unique}) == len(unique)  # readable and unique within the sweep
+
+
+def test_lane_count_shapes_match_the_report_layout(hydra_env):
+    jobs, _ = dedupe(sweep_jobs(hydra_env, "lane_count", "paper"))
+    tpb = [j for j in jobs if j.run.architecture.arch == "tpb"]
+    assert sorted({j.run.architecture.lane_count for j in tpb}) == [1, 2, 4, 8, 16]
+    assert {(j.run.architecture.lane_depth, j.run.architecture.n_classic_layers, j.syncs) for j in tpb} == {(12, 1, 3)}
+    llama = [j for j in jobs if j.run.architecture.arch == "llama"]
+    assert len(llama) == 1 and llama[0].syncs == 2 * 12
+    for job in jobs:
+        assert 0.95 * 135e6 <= job.params <= 1.05 * 135e6
+
+
+def test_first_wave_burger0_solves_to_the_reports_hidden_size(hydra_env):
+    """Table 4's Burger-0 (8 lanes of depth 4, 4 blocks) has hidden 384: the solver finds it at 135M."""
+    jobs = sweep_jobs(hydra_env, "first_wave", "paper")
+    burger0 = next(j for j in jobs if j.run.architecture.arch == "tpb" and j.run.architecture.tp_blocks == 4)
+    assert burger0.run.architecture.hidden == 384 and not burger0.run.architecture.tied
+
+
+def test_dataset_size_scales_steps_and_variance_seeds(hydra_env):
+    sizes = sweep_jobs(hydra_env, "dataset_size", "paper")
+    assert sorted(j.run.protocol.steps for j in sizes if j.run.architecture.arch == "llama") == [
+        2000, 4000, 4000, 6000, 6000, 8000, 10000]
+    variance = sweep_jobs(hydra_env, "variance", "small")
+    for arch in ("tpb", "llama"):
+        for schedule, seeds in (("cosine", 10), ("wsd", 5)):
+            got = sorted(j.run.protocol.seed for j in variance
+                         if j.run.architecture.arch == arch and j.run.protocol.schedule == schedule)
+            assert got == list(range(seeds))
+
+
+def test_unsolvable_budget_names_the_setting(hydra_env):
+    compose, _ = hydra_env
+    run = to_run_config(compose("config", overrides=["architecture=burger", "architecture.lane_count=16", "budget=100000"]))
+    with pytest.raises(ConfigError, match=r"budget of 100,000.*lane_count=16.*\(job: x\)"):
+        plan_job(run, ["x"])

@@ -1,0 +1,201 @@
+"""MLflow side, on a real SQLite store: the job's logger sends exactly the committed rows (no duplicate, no gap,
+whatever the crash point), stale runs are reaped, and the Slurm executor gets the cluster settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError
+from orchestrator.tracking import (
+    MlflowLogger,
+    check_store,
+    check_writable,
+    open_experiment,
+    reap,
+    resolve_uri,
+    runs_by_key,
+)
+
+
+def write_rows(run_dir: Path, steps: range, keep_through: int | None = None) -> None:
+    """metrics.jsonl as the trainer leaves it: truncated to the checkpoint on resume, then appended."""
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    if keep_through is not None and path.exists():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_through]
+    rows += [json.dumps({"step": s, "train_loss": 10.0 - s / 10, "lr": 0.001 * s}) for s in steps]
+    path.write_text("\n".join(rows) + "\n")
+
+
+def checkpoint(run_dir: Path, step: int) -> None:
+    folder = run_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"step_{step:08d}.pt").write_bytes(b"x")
+    (folder / f"step_{step:08d}.sha256").write_text("x")
+
+
+@pytest.fixture()
+def store(tmp_path):
+    uri = resolve_uri("", tmp_path)
+    client, experiment = open_experiment(uri, "unit")
+    return uri, client, experiment
+
+
+def eventually(check, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while not check():
+        assert time.time() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def steps_of(client, run_id: str, key: str = "train_loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_resolve_uri_is_absolute(tmp_path):
+    assert resolve_uri("", tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_uri("sqlite:///x/m.db", tmp_path) == f"sqlite:///{tmp_path.resolve()}/x/m.db"
+    assert resolve_uri("postgresql://u@h/db", tmp_path) == "postgresql://u@h/db"
+
+
+def test_checks_write_nothing(tmp_path):
+    (tmp_path / "file").write_text("")
+    check_writable(tmp_path / "a" / "b", "output_dir")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        check_writable(tmp_path / "file" / "x", "output_dir")
+    check_store(f"sqlite:///{tmp_path}/new/mlflow.db")
+    with pytest.raises(ConfigError, match="tracking.uri"):
+        check_store("http://127.0.0.1:9")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_logger_sends_committed_rows_once_across_crashes(store, tmp_path):
+    uri, client, experiment = store
+    run_id = client.create_run(experiment).info.run_id
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+
+    first = MlflowLogger(uri, run_id, run_dir, heartbeat_s=0.2)
+    write_rows(run_dir, range(1, 4))
+    first.log({}, 1)
+    checkpoint(run_dir, 3)
+    first.flush()  # returns at once, the thread sends
+    eventually(lambda: steps_of(client, run_id) == [1, 2, 3])
+    assert client.get_run(run_id).info.status == "RUNNING"
+    time.sleep(0.5)
+    assert time.time() - int(client.get_run(run_id).data.tags["heartbeat"]) < 2
+    write_rows(run_dir, range(4, 7), keep_through=3)
+    checkpoint(run_dir, 6)  # crash here: checkpoint 6 written, its flush never happened
+    first._stop.set()  # the process dies: its thread stops, nothing more is sent
+    first._wake.set()
+    first._thread.join()
+    assert steps_of(client, run_id) == [1, 2, 3]
+
+    # the resumed job: the trainer keeps rows <= 6 and logs 7..9 (plus rows past the checkpoint that a crash
+    # after a flush left: 7 was in the old file and is rewritten identically)
+    second = MlflowLogger(uri, run_id, run_dir, heartbeat_s=30)
+    write_rows(run_dir, range(7, 10), keep_through=6)
+    second.log({}, 7)
+    second.flush()  # newest checkpoint is still 6: rows 4..6 (the gap) go, 7..9 wait for their checkpoint
+    eventually(lambda: steps_of(client, run_id) == [1, 2, 3, 4, 5, 6])
+    checkpoint(run_dir, 9)
+    second.close("FINISHED")
+    assert steps_of(client, run_id) == list(range(1, 10)) == steps_of(client, run_id, "lr")
+    values = [m.value for m in sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)]
+    assert values == [10.0 - s / 10 for s in range(1, 10)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+    third = MlflowLogger(uri, run_id, run_dir)  # a re-run that sends the same file again adds nothing
+    third.close("FINISHED")
+    assert len(client.get_metric_history(run_id, "train_loss")) == 9
+
+
+def test_logger_never_blocks_training_on_an_unreachable_store(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_rows(run_dir, range(1, 3))
+    checkpoint(run_dir, 2)
+    logger = MlflowLogger("http://127.0.0.1:9", "0" * 32, run_dir, heartbeat_s=30)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger.log({}, 1)
+        logger.flush()  # returns at once: the background thread meets the dead store
+        assert time.perf_counter() - start < 0.5
+        assert logger.close("FINISHED", retries=0) is False  # the rows stay in metrics.jsonl
+    assert "127.0.0.1" in logger.last_error or "Connection" in logger.last_error
+
+
+def test_stale_runs_are_reaped_unless_their_job_lives(store):
+    uri, client, experiment = store
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = dead.stdout.strip()
+    old = str(int(time.time()) - 3600)
+    host = os.uname().nodename
+    cases = {
+        "stale": ("RUNNING", {"heartbeat": old, "executor": "local", "job_id": dead_pid, "job_host": host}),
+        "alive": ("RUNNING", {"heartbeat": old, "executor": "local", "job_id": str(os.getpid()), "job_host": host}),
+        "fresh": ("RUNNING", {"heartbeat": str(int(time.time()))}),
+        "silent": ("RUNNING", {"heartbeat": old, "executor": "local", "job_id": "1", "job_host": "elsewhere"}),
+        "died": ("RUNNING", {"heartbeat": str(int(time.time())), "executor": "local", "job_id": dead_pid,
+                             "job_host": host}),
+        "orphan": ("SCHEDULED", {"heartbeat": str(int(time.time())), "executor": "local", "job_id": "",
+                                 "pool_pid": dead_pid, "job_host": host}),
+        "queued": ("SCHEDULED", {"heartbeat": old, "executor": "local", "job_id": "", "pool_pid": str(os.getpid()),
+                                 "job_host": host}),
+        "done": ("FINISHED", {"heartbeat": old}),
+    }
+    for key, (status, tags) in cases.items():
+        run_id = client.create_run(experiment, tags={"run_key": key, **tags}).info.run_id
+        if status == "FINISHED":
+            client.set_terminated(run_id, status)
+        else:
+            client.update_run(run_id, status=status)
+    runs = runs_by_key(client, experiment)
+    assert sorted(reap(client, runs, stale_after_s=120)) == ["died", "orphan", "silent", "stale"]
+    after = {k: r.info.status for k, r in runs_by_key(client, experiment).items()}
+    assert after == {"stale": "KILLED", "alive": "RUNNING", "fresh": "RUNNING", "orphan": "KILLED",
+                     "queued": "SCHEDULED", "done": "FINISHED", "silent": "KILLED", "died": "KILLED"}
+
+
+def test_slurm_executor_gets_nodes_gpus_tasks_signal_and_array_cap(monkeypatch, tmp_path):
+    import submitit
+
+    from orchestrator.config import ClusterConfig, RunConfig
+    from orchestrator.launcher import slurm_executor
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    cluster = ClusterConfig(kind="slurm", nodes=4, gpus_per_node=8, tasks_per_node=8, cpus_per_task=8,
+                            max_parallel=16, timeout_min=119.5, partition="mi250", signal_delay_s=120,
+                            setup=["module load rocm"])
+    executor = slurm_executor(RunConfig(cluster=cluster, name="sweepx"), tmp_path)
+    script = executor._make_submission_file_text("python -m job", "uid")
+    for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --partition=mi250", "#SBATCH --time=120",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --job-name=tpb-sweepx", "module load rocm"):
+        assert line in script, line
+    assert executor.parameters["array_parallelism"] == 16
+
+
+def test_signal_witness_sees_signals_whatever_handler_runs():
+    """The job requeues only on SIGUSR2 (preemption); it learns which signal came although the trainer's
+    own handler caught it."""
+    import signal
+
+    from orchestrator.job import SignalWitness
+
+    with SignalWitness() as witness:
+        previous = signal.signal(signal.SIGUSR2, lambda signum, frame: None)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.01)
+        signal.signal(signal.SIGUSR2, previous)
+    assert witness.received == {signal.SIGUSR2}
+
