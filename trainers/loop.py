@@ -353,6 +353,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
         with _StopSignals() as signals:
             status = _run_steps(run, signals, should_stop)
         s = run.state
+        barrier(env)  # ranks leave together: a rank tearing down gloo under a busy peer can abort it
         return TrainResult(status=status, step=s.step, train_loss=s.train_loss, eval_loss=s.eval_loss,
                            tokens=s.tokens)
     finally:
