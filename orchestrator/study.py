@@ -85,11 +85,19 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    skip = {"skip_table_creation": True, "skip_compatibility_check": True} if not create else {}
+    if not create:
+        return _rdb_storage(url, skip_table_creation=True, skip_compatibility_check=True)
+    from orchestrator.tracking import schema_lock
+
+    with schema_lock(url):  # sweepers starting at once on a fresh database would race through alembic
+        return _rdb_storage(url)
+
+
+def _rdb_storage(url: str, **kwargs: Any) -> optuna.storages.RDBStorage:
     if url.startswith("sqlite:"):
         # several job processes write intermediate values: wait for the file lock instead of failing
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **skip)
-    return optuna.storages.RDBStorage(url, **skip)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}, **kwargs)
+    return optuna.storages.RDBStorage(url, **kwargs)
 
 
 def _existing_trials(storage: optuna.storages.BaseStorage, name: str) -> int:

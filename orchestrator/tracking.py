@@ -119,11 +119,8 @@ def client(uri: str):
 
 
 @contextmanager
-def _folder_lock(path: Path | None) -> Iterator[None]:
-    """Exclusive flock on a folder (no lock file left behind); a no-op without a path."""
-    if path is None:
-        yield
-        return
+def _folder_lock(path: Path) -> Iterator[None]:
+    """Exclusive flock on a folder (no lock file left behind)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -132,16 +129,48 @@ def _folder_lock(path: Path | None) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def open_experiment(uri: str, name: str) -> tuple[Any, str]:
-    """(client, experiment id): creates the store (schema migrations) and the experiment once, in the parent.
+@contextmanager
+def _advisory_lock(uri: str) -> Iterator[None]:
+    """PostgreSQL session advisory lock, held on its own connection while the block runs."""
+    import sqlalchemy
 
-    Two parents starting on a fresh SQLite file would race through MLflow's schema migrations (alembic
-    fails with "expected to match one row"): a lock on the file's folder serialises them.
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+SCHEMA_LOCK_KEY = 0x7470_6273  # "tpbs": one lock for every schema creation of this project
+
+
+@contextmanager
+def schema_lock(uri: str) -> Iterator[None]:
+    """Serialise schema creation on a store: MLflow and Optuna both run alembic migrations on first use,
+    and parents that start at once on a fresh database race through them (alembic_version / pg_type
+    unique violations). SQLite: a flock on the file's folder; PostgreSQL: an advisory lock; else none.
     """
     path = sqlite_path(uri)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(path.parent if path is not None else None):
+        with _folder_lock(path.parent):
+            yield
+    elif uri.startswith("postgresql"):
+        with _advisory_lock(uri):
+            yield
+    else:
+        yield
+
+
+def open_experiment(uri: str, name: str) -> tuple[Any, str]:
+    """(client, experiment id): creates the store (schema migrations) and the experiment once, in the parent,
+    under schema_lock so that parents starting at once on a fresh store do not race."""
+    with schema_lock(uri):
         return _open_experiment(uri, name)
 
 

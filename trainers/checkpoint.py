@@ -14,7 +14,9 @@ The learning-rate schedule is a pure function of the step, so no scheduler state
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
 import random
 import re
@@ -109,7 +111,9 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
         "resume": [r.state_dict() for r in resume],
     }
     path = folder / f"step_{step:08d}.pt"
-    _atomic_write(path, lambda f: torch.save(payload, f))
+    buffer = io.BytesIO()  # serialise first: torch's zip writer hides ENOSPC behind "unexpected pos"
+    torch.save(payload, buffer)
+    _atomic_write(path, lambda f: f.write(buffer.getbuffer()))
     digest = _sha256(path)
     _atomic_write(path.with_suffix(".sha256"), lambda f: f.write(digest.encode()))
     _prune(folder, keep)
@@ -167,7 +171,10 @@ def _prune(folder: Path, keep: int) -> None:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write checkpoint {path}: {error.strerror}") from error
     try:
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide checkpoints from the rest of a team
         with os.fdopen(fd, "wb") as f:
@@ -175,6 +182,10 @@ def _atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        hint = " (disk full)" if error.errno == errno.ENOSPC else ""
+        raise OSError(error.errno, f"cannot write checkpoint {path}: {error.strerror}{hint}") from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -79,10 +79,9 @@ class TPBOptunaSweeper(Sweeper):
         )
 
     # --- sweep ---
-    def sweep(self, arguments: list[str]) -> Any:
+    def _validate(self, arguments: list[str]) -> None:
         from omegaconf import OmegaConf
 
-        from orchestrator.study import resolve_storage, run_study
         from orchestrator.study_config import StudyConfig
 
         if self.config.get("study") is None:
@@ -94,6 +93,18 @@ class TPBOptunaSweeper(Sweeper):
         if self.config.get("detach"):
             raise ValueError("detach=true: a study cannot detach, its sweeper tells every trial's result to "
                              "Optuna as the trial ends; run the command in tmux / nohup (a re-run continues)")
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from omegaconf import OmegaConf
+
+        from orchestrator.study import resolve_storage, run_study
+
+        try:
+            self._validate(arguments)
+        except ValueError as error:  # bad input: a message and exit code 2, not Hydra's traceback
+            from hydra_plugins.tpb_launcher.tpb_launcher import bad_input
+
+            raise bad_input(error) from error
         if self.config.get("dry_run"):
             return self._dry_run()
         self.storage = resolve_storage(self.study.storage)
