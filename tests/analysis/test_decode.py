@@ -79,7 +79,7 @@ def test_section_3_4_llama2_7b():
     # step: (7 GB + 1.048576 GB) / 3.9 TB/s = 2.06374 ms (the report prints 2.07)
     step = decode.decode_time(7e9 + kv, 0, H100)
     assert step == approx(2.06374e-3, rel=1e-5)
-    assert 1 / step == approx(484.56, rel=1e-4)  # report: 485 steps/s
+    assert step**-1 == approx(484.56, rel=1e-4)  # report: 485 steps/s
     assert decode.throughput(step, 4) == approx(1938.2, rel=1e-4)  # report: 1940 tokens/s
     # the same from the config, with the exact 6,738,415,616 params and its own KV cache:
     # (6,738,415,616 + 1,048,576,000) B / 3.9 TB/s = 1.996665 ms, 2003.3 tokens/s
@@ -131,7 +131,7 @@ def test_section_6_7():
     runs = decode.section_6_7()  # 2.2 GB on 8 x H100, 22-layer Llama vs hybrid with 3 syncs
     llama, hybrid, best = runs["llama"], runs["hybrid"], runs["best"]
     assert hybrid.read_s == approx(70.513e-6, rel=1e-5)  # 2.2e9 / (8 x 3.9e12)
-    assert 1 / hybrid.read_s == approx(14181.8, rel=1e-5)  # the report's "70 us, 14181 tokens/s"
+    assert hybrid.read_s**-1 == approx(14181.8, rel=1e-5)  # the report's "70 us, 14181 tokens/s"
     assert hybrid.step_s == approx(85.513e-6, rel=1e-5)  # eq. 10: + 3 x 5 us
     assert hybrid.tokens_per_s == approx(11694.2, rel=1e-5)
     assert llama.step_s == approx(290.513e-6, rel=1e-5)  # report: 290 us
