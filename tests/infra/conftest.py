@@ -215,19 +215,6 @@ class Orchestrator:
             time.sleep(every)
         raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
-    @staticmethod
-    def worker_pid(folder: Path) -> int | None:
-        """pid of the local submitit task whose command line names `folder` (its submitit folder), if running."""
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "submitit.core._submit" in cmd and str(folder) in cmd:
-                return int(proc.name)
-        return None
 
 
 @pytest.fixture(scope="session")

@@ -66,3 +66,17 @@ def history(folder: Path, run_id: str, key: str) -> list[tuple[int, float]]:
 
     client = MlflowClient(tracking_uri=uri(folder))
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def worker_pid(folder: Path) -> int | None:
+    """pid of the local submitit task whose command line names `folder` (its submitit folder), if running."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "submitit.core._submit" in cmd and str(folder) in cmd:
+            return int(proc.name)
+    return None

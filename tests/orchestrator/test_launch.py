@@ -16,7 +16,17 @@ import pytest
 
 from models.config import ModelConfig
 from models.counts import param_count
-from tests.orchestrator.orch_support import TINY, command, env, history, prepare_tiny_data, run_cli, runs, uri
+from tests.orchestrator.orch_support import (
+    TINY,
+    command,
+    env,
+    history,
+    prepare_tiny_data,
+    run_cli,
+    runs,
+    uri,
+    worker_pid,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -96,16 +106,12 @@ LONG = [*TINY, "protocol.steps=40", "protocol.ckpt_every=10", "protocol.eval_eve
 
 
 def _worker_pid(folder: Path, timeout: float = 120) -> int:
-    """The submitit task process training under `folder` (its command line names the submitit folder)."""
+    """The submitit task process training under `folder`, waiting for it to start."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for proc in Path("/proc").iterdir():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "submitit.core._submit" in cmd and str(folder) in cmd:
-                return int(proc.name)
+        pid = worker_pid(folder)
+        if pid is not None:
+            return pid
         time.sleep(0.05)
     raise TimeoutError(f"no worker for {folder}")
 
