@@ -127,10 +127,17 @@ def main(spec: dict) -> int:
         result = loop.train(tiny_model(**spec.get("model", {})), tiny_train(**spec.get("train", {})),
                             tiny_data(spec["cache_dir"]), spec["run_dir"], should_stop=should_stop)
     except loop.NonFiniteError as error:
-        print("NONFINITE", error, flush=True)
+        _say(f"NONFINITE {error}")
         return EXIT_NONFINITE
-    print("RESULT", json.dumps(asdict(result)), flush=True)
+    _say(f"RESULT {json.dumps(asdict(result))}")
     return EXIT_CODES[result.status]
+
+
+def _say(line: str) -> None:
+    """One write per line: ranks under torchrun share an unbuffered pipe, and print() writes its pieces
+    separately, so two ranks' lines could interleave ("RESULTRESULT  {..."). A write below PIPE_BUF is atomic."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
 
 
 if __name__ == "__main__":
