@@ -71,8 +71,10 @@ def train_step(model: torch.nn.Module, bf16: bool = False, hf: bool = False):
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x).logits if hf else model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            if hf:  # what LlamaForCausalLM(labels=...) computes: fp32 cross-entropy over materialised logits
+                loss = F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
+            else:  # our training path (trainers/loop.py): the head fused with the loss (models/loss.py)
+                loss = model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.layers import init_weights
+from models.loss import lm_output
 
 
 class CausalSelfAttention(nn.Module):
@@ -70,11 +71,12 @@ class GPT2(nn.Module):
             self.head.weight = self.wte.weight
         init_weights(self, cfg.depth)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # idx [B, T] -> logits [B, T, V]
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx [B, T] -> logits [B, T, V]; with targets [B, T], the mean cross-entropy (fp32 scalar) instead."""
         T = idx.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # [B, T, H]
         for block in self.h:
             x = block(x)
-        return self.head(self.ln_f(x))
+        return lm_output(self.ln_f(x), self.head, targets)

@@ -11,6 +11,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.layers import DecoderLayer, RMSNorm, Rotary, init_weights
+from models.loss import lm_output
 
 
 class Llama(nn.Module):
@@ -31,9 +32,10 @@ class Llama(nn.Module):
             self.head.weight = self.tok_emb.weight  # one tensor, counted once by .parameters()
         init_weights(self, cfg.depth)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # idx [B, T] -> logits [B, T, V]
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx [B, T] -> logits [B, T, V]; with targets [B, T], the mean cross-entropy (fp32 scalar) instead."""
         rope = self.rope(idx.shape[1])
         x = self.tok_emb(idx)  # [B, T, H]
         for layer in self.layers:
             x = layer(x, rope)
-        return self.head(self.norm(x))
+        return lm_output(self.norm(x), self.head, targets)

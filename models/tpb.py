@@ -22,6 +22,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.layers import DecoderLayer, RMSNorm, Rotary, causal_attention, init_weights
+from models.loss import lm_output
 
 
 class LaneRMSNorm(nn.Module):
@@ -166,7 +167,8 @@ class TPB(nn.Module):
             self.head.weight = self.tok_emb.weight
         init_weights(self, cfg.depth)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # idx [B, T] -> logits [B, T, V]
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx [B, T] -> logits [B, T, V]; with targets [B, T], the mean cross-entropy (fp32 scalar) instead."""
         T = idx.shape[1]
         lane_rope = self.lane_rope(T)
         rope = self.rope(T) if self.cfg.n_classic_layers else None
@@ -175,4 +177,4 @@ class TPB(nn.Module):
             x = block(x, lane_rope)
             for layer in classic:
                 x = layer(x, rope)
-        return self.head(self.norm(x))
+        return lm_output(self.norm(x), self.head, targets)

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -199,9 +198,8 @@ def _resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, l
 # --- the training step ---
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, run: _Run) -> torch.Tensor:
-    with run.autocast():
-        logits = model(x)  # [B, T, V]
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # fp32 loss in both precisions
+    with run.autocast():  # the head fused with an fp32 cross-entropy, logits never materialised (models/loss.py)
+        return model(x, y)
 
 
 def train_step(run: _Run, step: int) -> dict[str, float]:

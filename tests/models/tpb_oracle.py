@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from models.layers import DecoderLayer, RMSNorm
+from models.loss import lm_output
 from models.tpb import TPB, LaneLayer, TensorParallelBlock
 
 
@@ -95,14 +96,14 @@ class LoopTPB(nn.Module):
         self.model = model
         self.blocks = nn.ModuleList(LoopBlock(block, model.cfg) for block in model.blocks)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         m, T = self.model, idx.shape[1]
         x = m.tok_emb(idx)
         for block, classic in zip(self.blocks, m.classic, strict=True):
             x = block(x, m.lane_rope(T))
             for layer in classic:
                 x = layer(x, m.rope(T))
-        return m.head(m.norm(x))
+        return lm_output(m.norm(x), m.head, targets)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
