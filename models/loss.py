@@ -5,7 +5,7 @@ Why: the plain path (logits = head(x); F.cross_entropy(logits.float(), y)) mater
 logits, an fp32 copy of them, their log-softmax and, in backward, a zero-filled one-hot gradient
 and its casts: six or more full passes over N x V floats, which on a CPU cost as much as the head's
 matmuls and at vocabulary 32k-50k dominate peak memory. Here each chunk of rows computes its logits
-(in the autocast dtype if autocast is on), the fp32 log-sum-exp, the loss and the gradient of the
+(in the autocast dtype if autocast is on), their fp32 log-softmax, the loss and the gradient of the
 logits (softmax - one-hot) / N while the chunk is still in cache, then the gradients of x and W;
 backward only scales the stored gradients. Peak extra memory is one chunk of logits.
 
@@ -44,12 +44,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             n = x.shape[0]
             for rows in _chunks(n, weight.shape[0]):
                 xc, yc = x[rows].to(dtype), targets[rows]
-                logits = (xc @ w.T).to(acc)  # [c, V]
-                lse = torch.logsumexp(logits, dim=-1)  # [c]
-                total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+                logp = torch.log_softmax((xc @ w.T).to(acc), dim=-1)  # [c, V]
+                total -= logp.gather(1, yc[:, None]).sum()
                 if need_x or need_w:
-                    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                    grad.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -1.0))
+                    grad = logp.exp_()  # softmax, in place
+                    grad.scatter_add_(1, yc[:, None], torch.full_like(grad[:, :1], -1.0))
                     grad = grad.div_(n).to(dtype)  # d loss / d logits
                     if need_x:
                         grad_x[rows] = grad @ w

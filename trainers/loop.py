@@ -163,6 +163,8 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_d
 
     _seed_everything(cfg.seed)
     bare = build_model(model_cfg).to(env.device)
+    if cfg.compile:
+        bare.compile()  # compiles forward in place: parameter names, state dict and DDP wrapping unchanged
     optimizer = build_optimizer(bare, cfg)
     state = _resume(run_dir, bare, optimizer, loader, env)
     model = wrap(bare, env)

@@ -45,7 +45,8 @@ def test_key_ignores_where_and_how_it_runs():
         dataclasses.replace(base, tracking=TrackingConfig(uri="postgresql://db/mlflow")),
         dataclasses.replace(base, name="other", output_dir="/elsewhere", dry_run=True, detach=True,
                             budget=123, tolerance=0.5),
-        dataclasses.replace(base, protocol=dataclasses.replace(base.protocol, threads=8, ckpt_every=7, keep_ckpts=5)),
+        dataclasses.replace(base, protocol=dataclasses.replace(base.protocol, threads=8, compile=True, ckpt_every=7,
+                                                               keep_ckpts=5)),
         dataclasses.replace(base, data=dataclasses.replace(base.data, cache_dir="/tmp/x")),
     ]
     assert {run_key(r) for r in same} == {run_key(base)}

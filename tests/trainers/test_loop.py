@@ -7,9 +7,12 @@ import math
 import signal
 
 import pytest
+from torch._dynamo.utils import counters
 
+from models import build_model
 from models.counts import flops_per_token
 from tests.trainers.helpers import tiny_data, tiny_model, tiny_train
+from trainers import checkpoint as ckpt
 from trainers import loop
 from trainers.data import prepare_data
 from trainers.logging import BufferedLogger, JsonlLogger, MultiLogger, read_jsonl
@@ -123,6 +126,24 @@ def test_bf16_autocast_changes_the_numbers_a_little(data_cfg, finished, tmp_path
     bf16 = [m["train_loss"] for _, m in recorder.rows]
     assert bf16 != fp32  # autocast is on
     assert bf16 == pytest.approx(fp32, abs=0.02)
+
+
+@pytest.mark.slow
+def test_compiled_run_trains_the_same_model_and_checkpoints_the_same_keys(data_cfg, tmp_path):
+    """protocol.compile: the losses of an eager run up to fused-kernel rounding, and checkpoints with the
+    eager model's keys, from which an eager run resumes."""
+    eager, compiled = Recorder(), Recorder()
+    loop.train(tiny_model(), tiny_train(steps=4), data_cfg, tmp_path / "eager", logger=eager)
+    counters.clear()
+    loop.train(tiny_model(), tiny_train(steps=4, compile=True), data_cfg, tmp_path / "compiled", logger=compiled,
+               should_stop=lambda step, metrics: step == 2)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo did compile the forward
+    saved = ckpt.load_latest(tmp_path / "compiled")
+    assert saved.step == 2 and set(saved.model) == set(build_model(tiny_model()).state_dict())
+    loop.train(tiny_model(), tiny_train(steps=4), data_cfg, tmp_path / "compiled", logger=compiled)
+    assert [step for step, _ in compiled.rows] == [1, 2, 3, 4]
+    losses = [[m["train_loss"] for _, m in run.rows] for run in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_grad_inf_raises_before_the_update_and_keeps_checkpoints(data_cfg, tmp_path, monkeypatch):
