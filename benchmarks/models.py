@@ -1,4 +1,4 @@
-"""Model speed figures (issue 2). Run: python benchmarks/models.py [llama] [tpb] [loop]  (all by default).
+"""Model speed figures (issue 2). Run: python benchmarks/models.py [section ...]  (see SECTIONS, DEFAULT).
 
 Prints one `name: value` line per figure. Every figure times full training steps (forward,
 cross-entropy, backward, AdamW) at batch 8 x sequence 256; contenders are timed interleaved
@@ -12,6 +12,11 @@ of median tokens/s over REPS repetitions.
                            per recipe, and the min over recipes (the figure)
     batched_vs_loop_8lanes batched lanes / the per-lane loop oracle (tests/models/tpb_oracle.py)
     mfu_fp32, mfu_bf16     our Llama's achieved FLOP/s / the peak of a large torch.mm measured here
+    ..._bf16               the TPB figures again under bf16 autocast (the CPU's fast precision)
+    ..._compiled           with `compiled`: our models under torch.compile (protocol.compile=true)
+
+Our models train through model(x, targets) (the head fused with the loss, models/loss.py), as the
+trainer does; HF's through its logits and an fp32 cross-entropy, as LlamaForCausalLM(labels=) does.
 """
 
 from __future__ import annotations
@@ -127,37 +132,62 @@ def llama_figures() -> None:
     show("mfu_bf16", speed["ours_bf16"] * flops / gemm_peak(torch.bfloat16))
 
 
-def tpb_figures() -> None:
+def tpb_figures(bf16: bool = False, compiled: bool = False) -> None:
+    suffix = "_bf16" * bf16 + "_compiled" * compiled
+    prepare = torch.compile if compiled else (lambda model: model)
     for lanes in (4, 8):
         ratios = {}
         for recipe in ("sandwich", "burger"):
             tpb_cfg, dense_cfg = TPB_CASES[lanes, recipe]
             torch.manual_seed(0)
-            speed = tokens_per_s({"tpb": train_step(build_model(tpb_cfg)), "dense": train_step(build_model(dense_cfg))})
+            speed = tokens_per_s({"tpb": train_step(prepare(build_model(tpb_cfg)), bf16),
+                                  "dense": train_step(prepare(build_model(dense_cfg)), bf16)})
             achieved = {name: speed[name] * flops_per_token(cfg, SEQ) for name, cfg in
                         (("tpb", tpb_cfg), ("dense", dense_cfg))}
             ratios[recipe] = achieved["tpb"] / achieved["dense"]
-            show(f"tpb_vs_dense_{lanes}lanes_{recipe}", ratios[recipe])
-        show(f"tpb_vs_dense_{lanes}lanes", min(ratios.values()))
+            show(f"tpb_vs_dense_{lanes}lanes_{recipe}{suffix}", ratios[recipe])
+        show(f"tpb_vs_dense_{lanes}lanes{suffix}", min(ratios.values()))
 
 
-def loop_figures() -> None:
+def loop_figures(bf16: bool = False) -> None:
+    suffix = "_bf16" * bf16
     ratios = {}
     for recipe in ("sandwich", "burger"):
         torch.manual_seed(0)
         model = build_model(TPB_CASES[8, recipe][0])
-        speed = tokens_per_s({"batched": train_step(model), "loop": train_step(LoopTPB(model))})
+        speed = tokens_per_s({"batched": train_step(model, bf16), "loop": train_step(LoopTPB(model), bf16)})
         ratios[recipe] = speed["batched"] / speed["loop"]
-        show(f"batched_vs_loop_8lanes_{recipe}", ratios[recipe])
-    show("batched_vs_loop_8lanes", min(ratios.values()))
+        show(f"batched_vs_loop_8lanes_{recipe}{suffix}", ratios[recipe])
+    show(f"batched_vs_loop_8lanes{suffix}", min(ratios.values()))
+
+
+def compiled_figures() -> None:
+    """protocol.compile=true: our models under torch.compile (HF stays eager, as LlamaForCausalLM ships)."""
+    torch.manual_seed(0)
+    ours = build_model(LLAMA)
+    theirs = to_hf(ours).train()
+    fast = torch.compile(ours)
+    speed = tokens_per_s({"fp32": train_step(fast), "bf16": train_step(fast, bf16=True),
+                          "hf_fp32": train_step(theirs, hf=True)})
+    show("llama_vs_hf_fp32_compiled", speed["fp32"] / speed["hf_fp32"])
+    show("llama_bf16_vs_hf_fp32_compiled", speed["bf16"] / speed["hf_fp32"])
+    tpb_figures(compiled=True)
+
+
+SECTIONS = {"llama": llama_figures, "tpb": tpb_figures, "loop": loop_figures,
+            "tpb_bf16": lambda: tpb_figures(bf16=True), "loop_bf16": lambda: loop_figures(bf16=True),
+            "compiled": compiled_figures}
+DEFAULT = ("llama", "tpb", "loop", "tpb_bf16", "loop_bf16")
+"""`compiled` only on request: compiling the nine models takes about three minutes here."""
 
 
 def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start, load = time.perf_counter(), os.getloadavg()[0]
-    sections = {"llama": llama_figures, "tpb": tpb_figures, "loop": loop_figures}
-    for name in sys.argv[1:] or sections:  # e.g. `python benchmarks/models.py llama` runs one section
-        sections[name]()
+    for name in sys.argv[1:] or DEFAULT:  # e.g. `python benchmarks/models.py llama compiled`
+        if name not in SECTIONS:
+            sys.exit(f"unknown section {name!r}: choose from {', '.join(SECTIONS)}")
+        SECTIONS[name]()
     print(f"# {time.perf_counter() - start:.0f} s, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"1-min load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end (other processes skew figures)")
 
