@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.layers import init_weights
+from models.layers import attend, init_weights
 from models.loss import lm_output
 
 
@@ -26,9 +26,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, H]
         B, T, H = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_heads, H // self.n_heads).unbind(2)  # [B, T, nh, hd]
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )  # [B, nh, T, hd]
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, nh, T, hd]
         return self.c_proj(y.transpose(1, 2).reshape(B, T, H))
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import GPT2, TPB, Llama, ModelConfig, build_model
+from models import GPT2, TPB, Llama, ModelConfig, build_model, layers
+from models.layers import apply_rotary
 
 VOCAB = 53
 
@@ -42,19 +43,31 @@ def test_logits_shape_and_sequence_bound():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
-def test_bf16_autocast_keeps_attention_in_bf16(monkeypatch):
-    """Rotary tables are fp32 buffers: they must not promote q, k back to fp32 under autocast."""
+def test_bf16_autocast_keeps_rotary_in_bf16_and_attends_in_fp32_on_cpu(monkeypatch):
+    """Rotary tables are fp32 buffers: they must not promote q, k to fp32 under autocast. The attention
+    core itself runs in fp32 on CPU on purpose (the CPU flash kernel's bf16 backward is ~10x slower at
+    small shapes) and hands bf16 back to the output projection."""
     model = build_model(llama_config())
-    sdpa, seen = F.scaled_dot_product_attention, []
+    sdpa, seen, rotated = F.scaled_dot_product_attention, [], []
 
     def spy(q, k, v, **kwargs):
-        seen.append((q.dtype, k.dtype, v.dtype))
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
         return sdpa(q, k, v, **kwargs)
 
+    def spy_rotary(x, rope):
+        out = apply_rotary(x, rope)
+        rotated.append(out.dtype)
+        return out
+
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(layers, "apply_rotary", spy_rotary)
+    outputs = []
+    model.layers[0].attn.wo.register_forward_hook(lambda module, args, out: outputs.append(args[0].dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.zeros(1, 8, dtype=torch.long))
-    assert seen == [(torch.bfloat16,) * 3] * 2
+    assert rotated == [torch.bfloat16] * 4  # q and k of 2 layers
+    assert seen == [(torch.float32,) * 3 + (False,)] * 2
+    assert outputs == [torch.bfloat16]
 
 
 def test_a_few_adamw_steps_fit_one_batch():
