@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,9 @@ def open_study(cfg: StudyConfig, storage_url: str | None = None) -> optuna.Study
         )
     study.set_user_attr("objectives", cfg.metrics)
     study.set_user_attr("pruner", vars(cfg.pruner))
+    with warnings.catch_warnings():  # experimental in Optuna 4; names the objectives in optuna-dashboard
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(cfg.metrics)
     fail_stale(study)
     return study
 

@@ -282,6 +282,12 @@ def test_existing_study_with_other_objectives_is_refused(tmp_path):
         open_study(study_cfg(tmp_path, objectives=[{"metric": "eval_loss"}, {"metric": "decode_time"}]))
 
 
+def test_objectives_are_named_for_the_dashboard(tmp_path):
+    cfg = study_cfg(tmp_path, objectives=[{"metric": "eval_loss"}, {"metric": "decode_time"}])
+    reloaded = optuna.load_study(study_name=cfg.name, storage=open_study(cfg)._storage)
+    assert reloaded.metric_names == ["eval_loss", "decode_time"]  # what optuna-dashboard shows
+
+
 # --- pruning from inside the job -----------------------------------------------------------------------
 def reporting_job(cfg, number, curve):
     """A job that reports a loss curve through make_should_stop, in its own process."""
