@@ -360,7 +360,7 @@ def run_slurm(items: list[Item], executor, client, progress, detach: bool, poll_
 def launch(configs: list[Any], overrides: list[list[str]], launch_dir: str | Path | None = None) -> list[dict]:
     """Validate, plan, reconcile, submit and follow a batch; one outcome per input config."""
     from orchestrator.progress import Progress
-    from orchestrator.tracking import open_experiment, reap, runs_by_key
+    from orchestrator.tracking import open_experiment, reap, runs_by_key, store_lock
 
     launch_dir = Path(launch_dir or os.getcwd()).resolve()
     jobs = plan_all(configs, overrides)
@@ -379,17 +379,19 @@ def launch(configs: list[Any], overrides: list[list[str]], launch_dir: str | Pat
         slots, threads, gpus = local_capacity(first, len(unique))
 
     client, experiment_id = open_experiment(uri, first.name)
-    existing = runs_by_key(client, experiment_id)
-    reaped = reap(client, existing, first.tracking.stale_after_s)
-    if reaped:
-        existing = runs_by_key(client, experiment_id)
     items = [Item(job) for job in unique]
-    decide(items, existing)
+    with store_lock(uri):  # read, decide and claim as one step: an invocation of the same sweep started at the
+        existing = runs_by_key(client, experiment_id)  # same moment waits here, then finds these runs claimed
+        if reap(client, existing, first.tracking.stale_after_s):
+            existing = runs_by_key(client, experiment_id)
+        decide(items, existing)
+        prepare_runs(items, client, experiment_id, out, uri, threads)
     print_plan(unique, [_action_text(i) for i in items], title=f"{first.name}: {uri}")
     for item in items:
         if item.action == "skip":
             print(f"{item.job.run_name}: skipped (finished)")
-    prepare_runs(items, client, experiment_id, out, uri, threads)
+        elif item.action == "busy":
+            print(f"{item.job.run_name}: running elsewhere (MLflow run {item.run_id}), not launched again")
     todo = [i for i in items if i.spec is not None]
     progress = Progress(items, first.protocol.steps)
     if todo and first.cluster.kind == "slurm":

@@ -88,9 +88,9 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(url[len("journal:"):]))
     if not create:
         return _rdb_storage(url, skip_table_creation=True, skip_compatibility_check=True)
-    from orchestrator.tracking import schema_lock
+    from orchestrator.tracking import store_lock
 
-    with schema_lock(url):  # sweepers starting at once on a fresh database would race through alembic
+    with store_lock(url):  # sweepers starting at once on a fresh database would race through alembic
         return _rdb_storage(url)
 
 

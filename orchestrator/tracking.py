@@ -137,23 +137,26 @@ def _advisory_lock(uri: str) -> Iterator[None]:
     engine = sqlalchemy.create_engine(uri)
     try:
         with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": STORE_LOCK_KEY})
             try:
                 yield
             finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": STORE_LOCK_KEY})
     finally:
         engine.dispose()
 
 
-SCHEMA_LOCK_KEY = 0x7470_6273  # "tpbs": one lock for every schema creation of this project
+STORE_LOCK_KEY = 0x7470_6273  # "tpbs": the one store_lock of this project
 
 
 @contextmanager
-def schema_lock(uri: str) -> Iterator[None]:
-    """Serialise schema creation on a store: MLflow and Optuna both run alembic migrations on first use,
-    and parents that start at once on a fresh database race through them (alembic_version / pg_type
-    unique violations). SQLite: a flock on the file's folder; PostgreSQL: an advisory lock; else none.
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise short critical sections of the parents that share a store. Schema creation: MLflow and
+    Optuna both run alembic migrations on first use, and parents that start at once on a fresh database
+    race through them (alembic_version / pg_type unique violations). Claiming runs: a launch reads the
+    store, decides and creates its runs as one step, so that two invocations of one sweep never both
+    start a run key. SQLite: a flock on the file's folder; PostgreSQL: an advisory lock; else none (an
+    MLflow server: its own clients must not launch one sweep twice at once).
     """
     path = sqlite_path(uri)
     if path is not None:
@@ -169,8 +172,8 @@ def schema_lock(uri: str) -> Iterator[None]:
 
 def open_experiment(uri: str, name: str) -> tuple[Any, str]:
     """(client, experiment id): creates the store (schema migrations) and the experiment once, in the parent,
-    under schema_lock so that parents starting at once on a fresh store do not race."""
-    with schema_lock(uri):
+    under store_lock so that parents starting at once on a fresh store do not race."""
+    with store_lock(uri):
         return _open_experiment(uri, name)
 
 

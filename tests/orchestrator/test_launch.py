@@ -198,3 +198,34 @@ def test_killed_and_preempted_jobs_resume_into_the_same_run_with_the_same_curve(
     (pre,) = runs(work, "preempted")
     assert "preempted" in pre.data.tags  # it went through KILLED (preempted) and came back by itself
     assert len(list((work / "runs" / "preempted" / ".submitit").glob("*_submitted.pkl"))) == 1
+
+
+SLOW_READ = """
+import sys, time
+import orchestrator.tracking as tracking
+read = tracking.runs_by_key
+def slow_read(*args):  # widen the gap between reading the store and claiming runs, so that the race is certain
+    found = read(*args)
+    time.sleep(3)
+    return found
+tracking.runs_by_key = slow_read
+import runpy
+runpy.run_module("orchestrator", run_name="__main__", alter_sys=True)  # as `python -m orchestrator`
+"""
+
+
+def test_two_invocations_of_one_sweep_at_once_train_each_run_once(tmp_path, cache):
+    """Two users (or terminals) start the same sweep in one folder at once: reading the store, deciding and
+    claiming runs happen under one store lock, so each run key gets one MLflow run and one job, and the later
+    invocation reports the other's runs as running elsewhere."""
+    sweep = [arg.replace("name=e2e", "name=twice") for arg in SWEEP]
+    procs = [subprocess.Popen([sys.executable, "-c", SLOW_READ, *sweep], cwd=tmp_path, env=env(cache),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    done = runs(tmp_path, "twice")
+    keys = [r.data.tags["run_key"] for r in done]
+    assert len(keys) == len(set(keys)) == 3, outputs
+    assert {r.info.status for r in done} == {"FINISHED"}
+    assert submissions(tmp_path) == 3  # one job per run key over both invocations
+    assert sum(out.count(": running elsewhere (MLflow run ") for out in outputs) == 3, outputs
