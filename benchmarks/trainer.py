@@ -14,11 +14,11 @@ standard-library corpus, BPE 4096):
     tokens_per_s_fp32/_bf16  batch_tokens / that median
     run_s_fp32/_bf16      wall time of one train() call: set-up, all steps, evals, checkpoints (data
                           cached; without the interpreter start and `import torch`, about 3 s more)
-    tracking_overhead     time spent inside the tracking logger (a BufferedLogger in front of an MLflow
-                          sink on SQLite, one log_batch per flush) / wall time of the bf16 train() call
+    tracking_overhead     time spent inside the job's tracking logger (orchestrator.tracking.MlflowLogger:
+                          log, flush and the blocking close) / wall time of the bf16 train() call + close
 
-The MLflow sink here is a minimal stand-in for the orchestrator's (MlflowClient.log_batch, chunks of
-1000 metrics); the database is created before timing starts, as the orchestrator's parent does.
+The logger is the one a job uses: it sends rows from a background thread after each checkpoint, so
+training waits only for close(). The database is created before timing starts, as the parent does.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from models.budget import solve  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from trainers.config import DataConfig, TrainConfig  # noqa: E402
 from trainers.data import prepare_data  # noqa: E402
-from trainers.logging import BufferedLogger  # noqa: E402
 from trainers.loop import train  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -65,28 +64,6 @@ class Recorder:
 
     def flush(self) -> None:
         pass
-
-
-class MlflowSink:
-    """One MLflow run on a SQLite file; write() sends a batch through MlflowClient.log_batch."""
-
-    def __init__(self, uri: str) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=uri)
-        experiment = self.client.create_experiment("trainer-benchmark")
-        self.run_id = self.client.create_run(experiment).info.run_id
-
-    def write(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, step) for step, row in rows for key, value in row.items()]
-        for start in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
-
-    def count(self) -> int:
-        return sum(len(self.client.get_metric_history(self.run_id, key)) for key in ("train_loss", "lr"))
 
 
 class TimedLogger:
@@ -139,12 +116,29 @@ def main(overrides: list[str]) -> None:
             print(f"tokens_per_s_{precision}: {cfg.batch_tokens / step_s:.0f}")
             print(f"run_s_{precision}: {run_s:.2f}", flush=True)
 
-        with tempfile.TemporaryDirectory() as tracking:
-            sink = MlflowSink(f"sqlite:///{tracking}/mlflow.db")
-            logger = TimedLogger(BufferedLogger(sink))
-            run_s = timed_train(model, replace(train_cfg, precision="bf16"), data_cfg, logger)
-            assert sink.count() == 2 * train_cfg.steps, "every row must reach MLflow"
-            print(f"tracking_overhead: {logger.seconds / run_s:.4f}")
+        print(f"tracking_overhead: {tracking_overhead(model, replace(train_cfg, precision='bf16'), data_cfg):.4f}")
+
+
+def tracking_overhead(model: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> float:
+    """Seconds inside the job's MLflow logger (log, flush, and the blocking close that sends the last rows
+    and the status) / wall time of train() plus that close, on a SQLite store created beforehand."""
+    from orchestrator.tracking import MlflowLogger, client, open_experiment
+
+    with tempfile.TemporaryDirectory() as tracking:
+        uri = f"sqlite:///{tracking}/mlflow.db"
+        mlflow_client, experiment_id = open_experiment(uri, "trainer-benchmark")  # as the parent does
+        run_id = mlflow_client.create_run(experiment_id).info.run_id
+        run_dir = Path(tracking) / "run"
+        sink = MlflowLogger(uri, run_id, run_dir)
+        logger = TimedLogger(sink)
+        start = time.perf_counter()
+        result = train(model, train_cfg, data_cfg, run_dir, logger=logger)
+        closing = time.perf_counter()
+        sink.close("FINISHED", limit=result.step)
+        end = time.perf_counter()
+        rows = client(uri).get_metric_history(run_id, "train_loss")
+        assert len(rows) == train_cfg.steps, f"{len(rows)} of {train_cfg.steps} rows reached MLflow"
+        return (logger.seconds + end - closing) / (end - start)
 
 
 if __name__ == "__main__":
