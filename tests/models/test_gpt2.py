@@ -45,7 +45,9 @@ def test_same_logits_as_transformers_gpt2(tied):
     with torch.no_grad():
         ours, theirs = model(idx), to_hf_gpt2(model)(idx).logits
     assert ours.abs().max() > 0.1
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    # fp32 rounding only: 3e-7 here alone; once 1.1e-5 (at |logit| 1.4) late in a full CI run on a loaded
+    # machine. Any architectural difference (activation, norm, position, head) is orders of magnitude larger.
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_tied_head_is_the_token_embedding():
