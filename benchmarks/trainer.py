@@ -122,7 +122,7 @@ def main(overrides: list[str]) -> None:
 def tracking_overhead(model: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> float:
     """Seconds inside the job's MLflow logger (log, flush, and the blocking close that sends the last rows
     and the status) / wall time of train() plus that close, on a SQLite store created beforehand."""
-    from orchestrator.tracking import MlflowLogger, client, open_experiment
+    from orchestrator.tracking import MlflowLogger, open_experiment
 
     with tempfile.TemporaryDirectory() as tracking:
         uri = f"sqlite:///{tracking}/mlflow.db"
@@ -136,7 +136,7 @@ def tracking_overhead(model: ModelConfig, train_cfg: TrainConfig, data_cfg: Data
         closing = time.perf_counter()
         sink.close("FINISHED", limit=result.step)
         end = time.perf_counter()
-        rows = client(uri).get_metric_history(run_id, "train_loss")
+        rows = mlflow_client.get_metric_history(run_id, "train_loss")
         assert len(rows) == train_cfg.steps, f"{len(rows)} of {train_cfg.steps} rows reached MLflow"
         return (logger.seconds + end - closing) / (end - start)
 

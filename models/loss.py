@@ -30,32 +30,37 @@ def _chunks(n_rows: int, vocab: int) -> list[slice]:
     return [slice(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
 
 
+def _loss_and_grads(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_x: bool, need_w: bool):
+    """x [N, D], weight [V, D], targets [N] -> (mean loss, d loss / dx or None, d loss / dW or None)."""
+    dtype = _compute_dtype(x)
+    acc = torch.promote_types(dtype, torch.float32)  # softmax and loss in fp32 (fp64 stays fp64)
+    with torch.autocast(x.device.type, enabled=False):
+        w = weight.to(dtype)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        total = torch.zeros((), dtype=acc, device=x.device)
+        n = x.shape[0]
+        for rows in _chunks(n, weight.shape[0]):
+            xc, yc = x[rows].to(dtype), targets[rows]
+            logp = torch.log_softmax((xc @ w.T).to(acc), dim=-1)  # [c, V]
+            total -= logp.gather(1, yc[:, None]).sum()
+            if need_x or need_w:
+                grad = logp.exp_()  # softmax, in place
+                grad.scatter_add_(1, yc[:, None], torch.full_like(grad[:, :1], -1.0))
+                grad = grad.div_(n).to(dtype)  # d loss / d logits
+                if need_x:
+                    grad_x[rows] = grad @ w
+                if need_w:
+                    grad_w += grad.T @ xc
+    return total / n, grad_x, grad_w
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x)
-        acc = torch.promote_types(dtype, torch.float32)  # softmax and loss in fp32 (fp64 stays fp64)
-        with torch.autocast(x.device.type, enabled=False):
-            w = weight.to(dtype)
-            need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            grad_x = torch.empty_like(x) if need_x else None
-            grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
-            total = torch.zeros((), dtype=acc, device=x.device)
-            n = x.shape[0]
-            for rows in _chunks(n, weight.shape[0]):
-                xc, yc = x[rows].to(dtype), targets[rows]
-                logp = torch.log_softmax((xc @ w.T).to(acc), dim=-1)  # [c, V]
-                total -= logp.gather(1, yc[:, None]).sum()
-                if need_x or need_w:
-                    grad = logp.exp_()  # softmax, in place
-                    grad.scatter_add_(1, yc[:, None], torch.full_like(grad[:, :1], -1.0))
-                    grad = grad.div_(n).to(dtype)  # d loss / d logits
-                    if need_x:
-                        grad_x[rows] = grad @ w
-                    if need_w:
-                        grad_w += grad.T @ xc
+        loss, grad_x, grad_w = _loss_and_grads(x, weight, targets, *ctx.needs_input_grad[:2])
         ctx.save_for_backward(grad_x, grad_w)
-        return total / n
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -71,18 +76,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match x {tuple(x.shape[:-1])}")
     x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
-        with torch.no_grad():
-            return _LinearCrossEntropy.forward(_NoGrad(), x, weight, targets)
+        with torch.no_grad():  # evaluation: the loss only
+            return _loss_and_grads(x, weight, targets, need_x=False, need_w=False)[0]
     return _LinearCrossEntropy.apply(x, weight, targets)
-
-
-class _NoGrad:
-    """Stands in for the autograd context when no gradient is wanted (evaluation)."""
-
-    needs_input_grad = (False, False, False)
-
-    def save_for_backward(self, *tensors) -> None:
-        pass
 
 
 def lm_output(x: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor | None) -> torch.Tensor:
