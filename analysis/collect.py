@@ -28,6 +28,11 @@ CHUNK = 500
 """Run ids per SQL query (stays far below SQLite's limit on bound parameters)."""
 
 
+PARENT_TAG = "sweep_parent"
+"""Tag (value "true") of a sweep's parent run: it holds the report (figures, summary.md) as artifacts;
+the sweep's runs are its children (tag mlflow.parentRunId). It has no run_key, so skip/resume ignore it."""
+
+
 class AnalysisError(ValueError):
     """Bad input to the analysis (unknown sweep or experiment, no finished runs...): a one-line message."""
 
@@ -55,6 +60,18 @@ def client(tracking_uri: str | None = None):
     uri = tracking_uri or default_tracking_uri()
     check_store(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def sweep_parent(mlflow_client, experiment_id: str, sweep: str) -> str:
+    """The run id of the sweep's parent run, created (FINISHED, tagged PARENT_TAG) if it does not exist yet."""
+    found = mlflow_client.search_runs([experiment_id], filter_string=f"tags.{PARENT_TAG} = 'true'",
+                                      max_results=1, order_by=["attributes.start_time ASC"])
+    if found:
+        return found[0].info.run_id
+    run = mlflow_client.create_run(experiment_id, run_name=f"{sweep} (sweep)",
+                                   tags={PARENT_TAG: "true", "sweep": sweep})
+    mlflow_client.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id
 
 
 def experiment_names(tracking_uri: str | None = None) -> list[str]:
