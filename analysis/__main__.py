@@ -119,8 +119,12 @@ def add_report(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", required=True, help="sweep (MLflow experiment) name, e.g. lane_count")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--out", default="reports", help="parent folder of the report (default: reports)")
-    p.add_argument("--metric", default="train_loss", choices=("train_loss", "eval_loss"),
-                   help="final metric to rank by (default: train_loss, the report's criterion)")
+    p.add_argument("--metric", default=None, choices=("eval_loss", "train_loss_mean", "train_loss"),
+                   help="final-loss estimate for ranking, figures and findings: eval_loss (default: the final "
+                        "eval loss on the held-out split), train_loss_mean (mean train loss over the last "
+                        "--window steps) or train_loss (the last step's train loss, the report's criterion)")
+    p.add_argument("--window", type=int, default=None, metavar="N",
+                   help="steps averaged by train_loss_mean (default: the last 10%% of each run's steps)")
     p.set_defaults(run=run_report)
 
 

@@ -5,6 +5,7 @@ Layout read here (written by the orchestrator): experiment = sweep name; params
 tags `run_key`, `sweep`, `arch`, `recipe`, `label`; metrics `train_loss`, `eval_loss`... per step.
 
     runs = runs_table("lane_count")                 # run_id, run_name, status, params, tags, final metrics
+                                                    # (the sweep's parent run, PARENT_TAG, is left out)
     hist = metric_histories(runs.run_id, ["train_loss"])   # run_id, key, step, value
     hist = attach(hist, runs, ["architecture.recipe", "protocol.seed"])
 
@@ -106,7 +107,15 @@ def runs_table(experiment: str, tracking_uri: str | None = None) -> pd.DataFrame
         raw = mlflow.search_runs(experiment_ids=[exp.experiment_id], run_view_type=1, output_format="pandas")
     finally:
         mlflow.set_tracking_uri(previous)
-    return _flatten(raw)
+    return _flatten(_without_parent(raw))
+
+
+def _without_parent(raw: pd.DataFrame) -> pd.DataFrame:
+    """The sweep's runs only: the parent run (PARENT_TAG) holds the report, it is no run of the sweep."""
+    column = f"tags.{PARENT_TAG}"
+    if column not in raw:
+        return raw
+    return raw[raw[column].astype(str).str.lower() != "true"].drop(columns=column)
 
 
 def _flatten(raw: pd.DataFrame) -> pd.DataFrame:

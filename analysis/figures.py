@@ -4,15 +4,17 @@ Every function plots the runs it is given (the report passes FINISHED runs), wri
 and returns `Plot(path, series)`: `series` is the number of groups drawn (curves, error-bar
 lines, baselines, scatter points of the 3-D plot), so tests can check what was plotted.
 `runs` is a runs table (analysis.collect.runs_table); `history` a long table of metric
-histories (analysis.collect.metric_histories). Seed spread is drawn as min/max error bars
-(final losses) or min/max bands (curves). No pyplot: figures are plain `Figure` objects
+histories (analysis.collect.metric_histories). Final losses are drawn as the mean over seeds with
+a min-max band (fill_between, gid "band:<series label>", plus min/max error bars so a single x shows
+its spread); curves as a mean line with a min-max band. `metric` names the final-loss column
+(an estimate of analysis.estimates: eval_loss, train_loss_mean, train_loss); `label` its axis text. No pyplot: figures are plain `Figure` objects
 rendered by Agg, so nothing depends on a display or on global state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +25,26 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from analysis import estimates
 from analysis.collect import AnalysisError, attach
 from analysis.ranking import config_names, pareto_mask
 from analysis.variance import distances_within, separation_step
 
 RECIPE_COLORS = {"sandwich": "tab:blue", "burger": "tab:orange"}
 BASELINE_STYLES = {"llama": ("black", "--"), "gpt2": ("tab:gray", ":")}
-LOSS_LABELS = {"train_loss": "final training loss", "eval_loss": "final eval loss"}
+BAND = "mean over seeds, band = min–max"
+
+
+def loss_label(metric: str, label: str | None = None) -> str:
+    return label or estimates.label(metric)
 
 
 @dataclass(frozen=True)
 class Plot:
     path: Path
     series: int
+    figure: Figure | None = field(default=None, repr=False, compare=False)
+    """The drawn figure, for tests that check what was plotted (e.g. the bands' vertices)."""
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -51,7 +60,7 @@ def _save(fig: Figure, path: str | Path, series: int) -> Plot:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    return Plot(path, series)
+    return Plot(path, series, fig)
 
 
 def _axes(title: str, xlabel: str, ylabel: str, size=(7.0, 4.5)):
@@ -68,8 +77,11 @@ def _spread(frame: pd.DataFrame, x: str, metric: str) -> pd.DataFrame:
 
 
 def _errorbars(ax, stats: pd.DataFrame, label: str, color=None) -> None:
+    """Mean over seeds (line and markers) with its min-max band (fill_between) and min/max caps."""
     err = np.vstack([stats["mean"] - stats["min"], stats["max"] - stats["mean"]])
-    ax.errorbar(stats.index, stats["mean"], yerr=err, marker="o", capsize=3, label=label, color=color)
+    line = ax.errorbar(stats.index, stats["mean"], yerr=err, marker="o", capsize=3, label=label, color=color)
+    band = ax.fill_between(stats.index, stats["min"], stats["max"], color=line.lines[0].get_color(), alpha=0.2, lw=0)
+    band.set_gid(f"band:{label}")
 
 
 def _loss_runs(runs: pd.DataFrame, metric: str, what: str) -> pd.DataFrame:
@@ -116,7 +128,8 @@ def _legend(ax, n: int) -> None:
 # --- final loss vs an architectural setting (figures 18-21) ----------------------------------
 
 
-def _final_vs(runs, x: pd.Series, path, title: str, xlabel: str, metric: str, log_x: bool = False) -> Plot:
+def _final_vs(runs, x: pd.Series, path, title: str, xlabel: str, metric: str, log_x: bool = False,
+              label: str | None = None) -> Plot:
     """Final loss vs `x` for each TPB recipe, baselines (llama, gpt2) as horizontal lines."""
     what = title.split(":")[0]
     runs = _loss_runs(runs, metric, what)
@@ -125,16 +138,18 @@ def _final_vs(runs, x: pd.Series, path, title: str, xlabel: str, metric: str, lo
     tpb = runs[(runs["architecture.arch"] == "tpb") & runs["x"].notna()]
     if tpb.empty:
         raise AnalysisError(f"{what}: no tpb run to plot")
-    fig, ax = _axes(title, xlabel, LOSS_LABELS.get(metric, metric))
+    fig, ax = _axes(f"{title}\n({BAND})", xlabel, loss_label(metric, label))
     series = 0
     for recipe, part in tpb.groupby("architecture.recipe"):
-        _errorbars(ax, _spread(part, "x", metric), f"{recipe} (min/max over seeds)", RECIPE_COLORS.get(recipe))
+        n = part.groupby("x")[metric].count()
+        seeds = f"{n.min()}" if n.min() == n.max() else f"{n.min()}-{n.max()}"
+        _errorbars(ax, _spread(part, "x", metric), f"{recipe} ({BAND}, n={seeds})", RECIPE_COLORS.get(recipe))
         series += 1
     for arch, part in runs[runs["architecture.arch"] != "tpb"].groupby("architecture.arch"):
         color, style = BASELINE_STYLES.get(arch, ("tab:red", "-."))
         values = part[metric]
-        ax.axhline(values.mean(), color=color, ls=style, label=f"{arch} baseline (n={len(values)})")
-        ax.axhspan(values.min(), values.max(), color=color, alpha=0.1, lw=0)
+        ax.axhline(values.mean(), color=color, ls=style, label=f"{arch} baseline ({BAND}, n={len(values)})")
+        ax.axhspan(values.min(), values.max(), color=color, alpha=0.1, lw=0, gid=f"band:{arch} baseline")
         series += 1
     if log_x:
         ax.set_xscale("log", base=2)
@@ -143,10 +158,10 @@ def _final_vs(runs, x: pd.Series, path, title: str, xlabel: str, metric: str, lo
     return _save(fig, path, series)
 
 
-def fig18_lane_count(runs: pd.DataFrame, path, metric: str = "train_loss") -> Plot:
+def fig18_lane_count(runs: pd.DataFrame, path, metric: str = estimates.DEFAULT, label: str | None = None) -> Plot:
     _need(runs, ["architecture.lane_count"], "fig18")
     return _final_vs(runs, runs["architecture.lane_count"], path,
-                     "fig18: final loss vs number of lanes", "lanes in parallel (lane_count)", metric, log_x=True)
+                     "fig18: final loss vs number of lanes", "lanes in parallel (lane_count)", metric, log_x=True, label=label)
 
 
 def lane_aspect_ratio(runs: pd.DataFrame) -> pd.Series:
@@ -161,22 +176,22 @@ def lane_aspect_ratio(runs: pd.DataFrame) -> pd.Series:
     return hidden / runs["architecture.lane_depth"]
 
 
-def fig19_aspect_ratio(runs: pd.DataFrame, path, metric: str = "train_loss") -> Plot:
+def fig19_aspect_ratio(runs: pd.DataFrame, path, metric: str = estimates.DEFAULT, label: str | None = None) -> Plot:
     return _final_vs(runs, lane_aspect_ratio(runs), path, "fig19: final loss vs lane aspect ratio",
-                     "lane aspect ratio (lane hidden / lane depth)", metric)
+                     "lane aspect ratio (lane hidden / lane depth)", metric, label=label)
 
 
-def fig20_tp_blocks(runs: pd.DataFrame, path, metric: str = "train_loss") -> Plot:
+def fig20_tp_blocks(runs: pd.DataFrame, path, metric: str = estimates.DEFAULT, label: str | None = None) -> Plot:
     _need(runs, ["architecture.tp_blocks"], "fig20")
     return _final_vs(runs, runs["architecture.tp_blocks"], path, "fig20: final loss vs TP blocks",
-                     "Tensor Parallel Blocks (tp_blocks)", metric)
+                     "Tensor Parallel Blocks (tp_blocks)", metric, label=label)
 
 
-def fig21_classic_layers(runs: pd.DataFrame, path, metric: str = "train_loss") -> Plot:
+def fig21_classic_layers(runs: pd.DataFrame, path, metric: str = estimates.DEFAULT, label: str | None = None) -> Plot:
     _need(runs, ["architecture.n_classic_layers"], "fig21")
     return _final_vs(runs, runs["architecture.n_classic_layers"], path,
                      "fig21: final loss vs classic layers per TP block",
-                     "classic decoder layers after each TP block (n_classic_layers)", metric)
+                     "classic decoder layers after each TP block (n_classic_layers)", metric, label=label)
 
 
 # --- dataset size (figure 16) ----------------------------------------------------------------
@@ -190,15 +205,16 @@ def run_tokens(runs: pd.DataFrame) -> pd.Series:
     return runs["protocol.steps"] * runs["protocol.batch_tokens"]
 
 
-def fig16_dataset_size(runs: pd.DataFrame, path, metric: str = "train_loss") -> Plot:
+def fig16_dataset_size(runs: pd.DataFrame, path, metric: str = estimates.DEFAULT, label: str | None = None) -> Plot:
     """Final loss vs tokens trained, one error-bar line per model configuration (label)."""
     runs = _loss_runs(runs, metric, "fig16")
     runs = runs.assign(x=run_tokens(runs), group=runs["label"] if "label" in runs else config_names(runs))
-    fig, ax = _axes("fig16: final loss vs training tokens", "tokens trained", LOSS_LABELS.get(metric, metric))
+    fig, ax = _axes(f"fig16: final loss vs training tokens\n({BAND} over repeats)", "tokens trained",
+                    loss_label(metric, label))
     groups = sorted(runs["group"].astype(str).unique())
     for i, name in enumerate(groups):
         part = runs[runs["group"].astype(str) == name]
-        _errorbars(ax, _spread(part, "x", metric), f"{name} (min/max over repeats)", f"C{i % 10}")
+        _errorbars(ax, _spread(part, "x", metric), f"{name} (mean, band = min–max over repeats)", f"C{i % 10}")
     _legend(ax, len(groups))
     return _save(fig, path, len(groups))
 
@@ -211,7 +227,7 @@ def fig17a_lr_range(runs: pd.DataFrame, history: pd.DataFrame, path, metric: str
     _need(runs, ["protocol.lr"], "fig17a")
     group = runs["protocol.lr"].map(lambda v: f"lr={v:g}")
     frame = _curve_frame(runs, history, metric, group)
-    fig, ax = _axes("fig17a: learning-rate range", "step", metric)
+    fig, ax = _axes(f"fig17a: learning-rate range ({BAND})", "step", estimates.curve_label(metric))
     n = _band_curves(ax, frame)
     _log_y(ax)
     _legend(ax, n)
@@ -237,7 +253,7 @@ def fig17b_variance(
     if last is not None:
         frame = frame[frame["step"] > frame["step"].max() - last]
         title = f"fig17c: last {last} steps"
-    fig, ax = _axes(title, "step", metric)
+    fig, ax = _axes(f"{title} ({BAND})", "step", estimates.curve_label(metric))
     n = _band_curves(ax, frame)
     _legend(ax, n)
     return _save(fig, path, n)
@@ -261,9 +277,11 @@ def fig17d_extremum_distance(
     _need(runs, [compare], "fig17d")
     columns = [compare] + ([within] if within else [])
     frame = attach(history[history["key"] == metric], runs, columns)
+    if frame.empty:
+        raise AnalysisError(f"fig17d: no {metric} history for the runs")
     distances = distances_within(frame, compare, within)
     fig, ax = _axes(f"fig17d: extremum distance between {compare.split('.')[-1]} groups (eq. 12)",
-                    "step", "extremum distance (> 0: no overlap)")
+                    "step", f"extremum distance of {estimates.curve_label(metric)} (> 0: no overlap)")
     ax.axhline(0.0, color="gray", lw=0.8)
     for i, (key, dist) in enumerate(sorted(distances.items(), key=lambda kv: str(kv[0]))):
         sep = separation_step(dist)
@@ -279,7 +297,8 @@ def loss_curves(runs: pd.DataFrame, history: pd.DataFrame, path, metric: str = "
     """Loss curves of every configuration (mean over seeds, min/max band)."""
     names = runs["config"] if "config" in runs else config_names(runs)  # the report names them over all runs
     frame = _curve_frame(runs, history, metric, names)
-    fig, ax = _axes(f"{metric} per configuration", "step", metric)
+    fig, ax = _axes(f"{estimates.curve_label(metric)} per configuration ({BAND})", "step",
+                    estimates.curve_label(metric))
     n = _band_curves(ax, frame)
     _log_y(ax)
     _legend(ax, n)
@@ -310,7 +329,7 @@ def fig22a_delayed_comm_curves(runs: pd.DataFrame, history: pd.DataFrame, path,
     final = last.groupby("group")["value"].mean()  # each configuration's last loss, mean over seeds
     norm = Normalize(final.min(), final.max())
     colors = {g: colormaps["viridis"](norm(v)) for g, v in final.items()}
-    fig, ax = _axes("fig22a: delayed communication, loss curves", "step", metric)
+    fig, ax = _axes(f"fig22a: delayed communication, loss curves ({BAND})", "step", estimates.curve_label(metric))
     n = _band_curves(ax, frame, colors)
     _log_y(ax)
     if n <= 12:
@@ -319,7 +338,8 @@ def fig22a_delayed_comm_curves(runs: pd.DataFrame, history: pd.DataFrame, path,
     return _save(fig, path, n)
 
 
-def fig22b_delayed_comm_3d(runs: pd.DataFrame, path, metric: str = "train_loss") -> Plot:
+def fig22b_delayed_comm_3d(runs: pd.DataFrame, path, metric: str = estimates.DEFAULT,
+                           label: str | None = None) -> Plot:
     """Final loss (mean over seeds) at each (start, interleave, length): a 3-D scatter colored by loss."""
     runs = _comm_runs(_loss_runs(runs, metric, "fig22b"), "fig22b")
     points = runs.groupby(list(COMM))[metric].mean().reset_index()
@@ -330,14 +350,15 @@ def fig22b_delayed_comm_3d(runs: pd.DataFrame, path, metric: str = "train_loss")
            xlabel="comm start", ylabel="comm interleave", zlabel="comm length")
     for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
         axis.set_major_locator(MaxNLocator(integer=True))
-    fig.colorbar(dots, ax=ax, shrink=0.7, pad=0.1, label=f"{LOSS_LABELS.get(metric, metric)} (mean over seeds)")
+    fig.colorbar(dots, ax=ax, shrink=0.7, pad=0.1, label=f"{loss_label(metric, label)} (mean over seeds)")
     return _save(fig, path, len(points))
 
 
 # --- Optuna studies --------------------------------------------------------------------------
 
 
-def pareto_front(runs: pd.DataFrame, path, metric: str = "train_loss", speed: str = "decode_speedup") -> Plot:
+def pareto_front(runs: pd.DataFrame, path, metric: str = estimates.DEFAULT, speed: str = "decode_speedup",
+                 label: str | None = None) -> Plot:
     """Loss vs predicted decode speed-up of every trial; the non-dominated ones joined as the front."""
     runs = _loss_runs(runs, metric, "pareto front")
     _need(runs, [speed], "pareto front")
@@ -346,7 +367,7 @@ def pareto_front(runs: pd.DataFrame, path, metric: str = "train_loss", speed: st
         raise AnalysisError(f"pareto front: no run with a {speed} param")
     front = runs[pareto_mask(runs[metric], runs[speed])].sort_values(speed)
     fig, ax = _axes("Pareto front: quality vs predicted decode speed-up",
-                    "predicted decode speed-up vs Llama (x)", LOSS_LABELS.get(metric, metric))
+                    "predicted decode speed-up vs Llama (x)", loss_label(metric, label))
     ax.scatter(runs[speed], runs[metric], color="tab:gray", alpha=0.6, label=f"trials (n={len(runs)})")
     ax.plot(front[speed], front[metric], "o-", color="tab:red", label=f"Pareto front (n={len(front)})")
     _legend(ax, 2)
@@ -365,11 +386,11 @@ def trial_numbers(runs: pd.DataFrame) -> pd.Series:
     return runs["start_time"].rank(method="first").astype(int) - 1
 
 
-def optimisation_history(runs: pd.DataFrame, path, metric: str = "train_loss") -> Plot:
+def optimisation_history(runs: pd.DataFrame, path, metric: str = estimates.DEFAULT, label: str | None = None) -> Plot:
     """Loss of every trial and the best loss so far vs trial number."""
     runs = _loss_runs(runs, metric, "optimisation history")
     ordered = runs.assign(trial=trial_numbers(runs)).sort_values("trial")
-    fig, ax = _axes("optimisation history", "trial number", LOSS_LABELS.get(metric, metric))
+    fig, ax = _axes("optimisation history", "trial number", loss_label(metric, label))
     ax.scatter(ordered["trial"], ordered[metric], color="tab:blue", s=18, label="trial")
     ax.step(ordered["trial"], ordered[metric].cummin(), where="post", color="tab:red", label="best so far")
     _legend(ax, 2)

@@ -1,9 +1,15 @@
 """One command per sweep: the figures it calls for (PNG) and a summary.md, into reports/<sweep>/.
 
-    python -m analysis report --sweep lane_count [--tracking-uri URI] [--out reports] [--metric eval_loss]
+    python -m analysis report --sweep lane_count [--tracking-uri URI] [--out reports]
+                              [--metric eval_loss|train_loss_mean|train_loss] [--window N]
 
+Ranking, final-loss figures and findings use one estimate of the final loss (analysis.estimates;
+default: the final eval loss on the held-out split); the axes and the summary name it.
 Works on a partially finished sweep: figures and ranking use the FINISHED runs; the summary
-lists FAILED / KILLED / RUNNING runs and the configurations with no finished run ("missing").
+lists FAILED / KILLED / RUNNING runs, the configurations with no finished run ("missing") and the
+finished runs without the chosen estimate (e.g. no eval logged). For figures 16-22 a Findings
+section judges each of the report's claims (analysis.claims). The folder is then logged as the
+artifacts of the sweep's parent run in MLflow (analysis.collect.sweep_parent; created if missing).
 An experiment that is not one of the report's sweeps (a custom sweep, an Optuna study, the
 `default` experiment) gets loss curves, plus the Pareto front and optimisation history when
 its runs carry a trial tag.
@@ -12,6 +18,7 @@ its runs carry a trial tag.
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,13 +26,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis import claims, estimates
 from analysis import figures as F
 from analysis.collect import (
     AnalysisError,
+    client,
     default_tracking_uri,
     experiment_names,
     metric_histories,
     runs_table,
+    sweep_parent,
 )
 from analysis.ranking import config_names, missing_configs, rank_configs
 from analysis.variance import distances_within, extremum_distance, members, separation_step
@@ -36,7 +46,9 @@ class Spec:
     file: str
     draw: Callable[..., F.Plot]
     history: bool = False
-    """True: draw(runs, history, path); False: draw(runs, path)."""
+    """True: draw(runs, history, path) (curves of the train loss); False: draw(runs, path) (final estimate)."""
+    estimate_curve: bool = False
+    """A history figure drawn on the per-step curve of the chosen estimate (eq. 12, like the findings)."""
 
 
 CURVES = Spec("loss_curves.png", F.loss_curves, history=True)
@@ -47,7 +59,7 @@ SWEEPS: dict[str, tuple[Spec, ...]] = {
     "variance": (
         Spec("fig17b_variance.png", F.fig17b_variance, history=True),
         Spec("fig17c_variance_zoom.png", F.fig17c_variance_zoom, history=True),
-        Spec("fig17d_extremum_distance.png", F.fig17d_extremum_distance, history=True),
+        Spec("fig17d_extremum_distance.png", F.fig17d_extremum_distance, history=True, estimate_curve=True),
     ),
     "lane_count": (Spec("fig18_lane_count.png", F.fig18_lane_count), CURVES),
     "aspect_ratio": (Spec("fig19_aspect_ratio.png", F.fig19_aspect_ratio), CURVES),
@@ -71,15 +83,21 @@ def _specs(sweep: str, runs: pd.DataFrame) -> tuple[Spec, ...]:
     return (CURVES, *STUDY) if is_study else (CURVES,)
 
 
-def _draw(specs: tuple[Spec, ...], runs, history, out: Path, metric: str) -> tuple[list[str], list[str]]:
-    """Draw every figure; a figure the data cannot support is skipped with a note, never a crash."""
+def _draw(specs: tuple[Spec, ...], runs, history, out: Path, metric: str,
+          label: str | None = None) -> tuple[list[str], list[str]]:
+    """Draw every figure; a figure the data cannot support is skipped with a note, never a crash.
+    `runs` carry the estimate as column `metric`; `history` the estimate's curve under key `metric`."""
     drawn, notes = [], []
+    scored = runs[runs[metric].notna()] if metric in runs else runs.iloc[:0]
     for spec in specs:
         path = out / spec.file
         path.unlink(missing_ok=True)  # never leave a stale figure from an earlier report
         try:
-            plot = spec.draw(runs, history, path, metric=metric) if spec.history else \
-                spec.draw(runs, path, metric=metric)
+            if spec.history:
+                key = metric if spec.estimate_curve else "train_loss"
+                plot = spec.draw(scored if spec.estimate_curve else runs, history, path, metric=key)
+            else:
+                plot = spec.draw(runs, path, metric=metric, label=label)  # runs without the estimate: left out
         except AnalysisError as err:
             notes.append(f"{spec.file} not drawn: {err}")
             continue
@@ -104,11 +122,14 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _ranking_section(ranking: pd.DataFrame, metric: str) -> list[str]:
+def _ranking_section(ranking: pd.DataFrame, metric: str, label: str) -> list[str]:
+    head = [f"## Ranking by {label} (`{metric}`, mean over seeds)", ""]
+    if ranking.empty:
+        return [*head, f"Not ranked: no finished run has {metric} (see Notes).", ""]
     table = ranking[["rank", "config", "seeds", "mean", "min", "max", "n_params", "syncs", "decode_speedup"]]
     table = table.rename(columns={"mean": f"{metric} (mean)", "min": "min (seeds)", "max": "max (seeds)",
                                   "decode_speedup": "decode speed-up"})
-    return [f"## Ranking by final {metric} (mean over seeds)", "", markdown_table(table), ""]
+    return [*head, markdown_table(table), ""]
 
 
 def _arch_separation(finished: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
@@ -140,10 +161,10 @@ def _top_two_separation(finished: pd.DataFrame, curves: pd.DataFrame, ranking: p
     return [_separation_text(f"best two: {top[0]} vs {top[1]}", extremum_distance(frame, "config", *top))]
 
 
-def _separation_lines(finished, history, ranking, metric: str) -> list[str]:
-    curves = history[history["key"] == metric]
+def _separation_lines(finished, curves, ranking) -> list[str]:
     lines = _arch_separation(finished, curves) + _top_two_separation(finished, curves, ranking)
-    return ["## Separation (extremum distance, equation 12)", "", *lines, ""] if lines else []
+    return ["## Separation (extremum distance, equation 12, on the estimate per step)", "", *lines, ""] \
+        if lines else []
 
 
 def _separation_text(what: str, dist: pd.DataFrame) -> str:
@@ -171,18 +192,41 @@ def _notes(runs: pd.DataFrame, history: pd.DataFrame) -> list[str]:
     return notes + [f"- missing (no finished run): {name}" for name in missing_configs(runs)]
 
 
-def _summary(sweep: str, uri: str, runs, ranking, sections: list[str], metric: str) -> str:
+def _summary(sweep: str, uri: str, runs, ranking, sections: list[str], metric: str, label: str,
+             parent: str | None) -> str:
     counts = runs["status"].value_counts()
     states = ", ".join(f"{n} {s}" for s, n in counts.items())
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = [f"# Sweep report: {sweep}", "", f"- tracking: `{uri}`", f"- runs: {len(runs)} ({states})",
-            f"- configurations ranked: {len(ranking)}", f"- generated: {stamp}", ""]
-    return "\n".join(head + _ranking_section(ranking, metric) + sections) + "\n"
+            f"- final-loss estimate: {label} (`--metric {metric}`)",
+            f"- configurations ranked: {len(ranking)}", f"- generated: {stamp}"]
+    head += [f"- MLflow: these files are the artifacts of the sweep's parent run `{parent}`"] if parent else []
+    return "\n".join([*head, "", *_ranking_section(ranking, metric, label), *sections]) + "\n"
+
+
+def _ranked(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Configurations with at least one finished run that has the estimate, best first."""
+    ranking = rank_configs(runs, metric)
+    ranking = ranking[ranking["seeds"] > 0].reset_index(drop=True)
+    ranking["rank"] = range(1, len(ranking) + 1)
+    return ranking
+
+
+def _parent(uri: str, sweep: str) -> tuple[object, str | None]:
+    store = client(uri)
+    exp = store.get_experiment_by_name(sweep)
+    return store, sweep_parent(store, exp.experiment_id, sweep)
 
 
 def build_report(sweep: str, tracking_uri: str | None = None, out_dir: str | Path = "reports",
-                 metric: str = "train_loss") -> Path:
-    """Write out_dir/<sweep>/ (figures + summary.md) from the MLflow experiment `sweep`; return the folder."""
+                 metric: str | None = None, window: int | None = None, log_artifacts: bool = True) -> Path:
+    """Write out_dir/<sweep>/ (figures + summary.md) from the MLflow experiment `sweep`; return the folder.
+
+    metric: the final-loss estimate (analysis.estimates; None = eval_loss); window: steps averaged by
+    train_loss_mean (None = the last 10% of each run). log_artifacts: then log the folder's files as
+    artifacts of the sweep's parent run (found or created; it is not one of the sweep's runs)."""
+    metric = estimates.check(metric, window)
+    label = estimates.label(metric, window)
     uri = tracking_uri or default_tracking_uri()
     known = experiment_names(uri)
     if sweep not in known:
@@ -190,20 +234,35 @@ def build_report(sweep: str, tracking_uri: str | None = None, out_dir: str | Pat
                             f"sweeps with report figures: {', '.join(SWEEPS)}")
     runs = runs_table(sweep, uri)
     runs = runs.assign(config=config_names(runs)) if len(runs) else runs
+    if runs.empty or not (runs["status"] == "FINISHED").any():
+        states = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items()) if len(runs) else ""
+        raise AnalysisError(f"sweep {sweep!r} has no finished run yet ({states or 'no runs'}): nothing to report")
+    history = metric_histories(runs["run_id"], ["train_loss", "eval_loss"], uri)
+    runs = estimates.with_estimates(runs, history, window)
+    curves = estimates.estimate_curves(history, metric, window)
+    if metric == "train_loss_mean":
+        history = pd.concat([history, curves.assign(key=metric)], ignore_index=True)
     finished = runs[runs["status"] == "FINISHED"]
-    if finished.empty:
-        states = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items()) or "no runs"
-        raise AnalysisError(f"sweep {sweep!r} has no finished run yet ({states}): nothing to report")
-    history = metric_histories(runs["run_id"], ["train_loss", metric], uri)
+    scored = finished[finished[metric].notna()]
     out = Path(out_dir) / sweep
     out.mkdir(parents=True, exist_ok=True)
-    ranking = rank_configs(runs, metric)
-    drawn, figure_notes = _draw(_specs(sweep, runs), finished, history, out, metric)
-    sections = _separation_lines(finished, history, ranking, metric)
+    ranking = _ranked(runs, metric)
+    drawn, figure_notes = _draw(_specs(sweep, runs), finished, history, out, metric, label)
+    scored_curves = curves[curves["run_id"].isin(scored["run_id"])]
+    sections = _separation_lines(scored, scored_curves, ranking)
+    sections += claims.markdown(claims.findings(sweep, scored, metric, scored_curves), label)
     sections += ["## Figures", "", *(f"- {d}" for d in drawn), ""] if drawn else []
-    notes = _notes(runs, history) + [f"- {n}" for n in figure_notes]
+    missing = estimates.missing_note(finished, metric)
+    notes = _notes(runs, history) + [f"- {n}" for n in [missing] if n] + [f"- {n}" for n in figure_notes]
     sections += ["## Notes", "", *(notes or ["- every run finished"]), ""]
-    (out / "summary.md").write_text(_summary(sweep, uri, runs, ranking, sections, metric))
+    store, parent = _parent(uri, sweep) if log_artifacts else (None, None)
+    (out / "summary.md").write_text(_summary(sweep, uri, runs, ranking, sections, metric, label, parent))
+    if parent:
+        try:
+            store.log_artifacts(parent, str(out))
+        except Exception as err:  # an unreachable artifact store must not lose the local report
+            warnings.warn(f"report of {sweep} written to {out} but not logged to MLflow run {parent}: {err}",
+                          stacklevel=2)
     return out
 
 
@@ -215,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     try:
-        out = build_report(args.sweep, args.tracking_uri, args.out, args.metric)
+        out = build_report(args.sweep, args.tracking_uri, args.out, args.metric, getattr(args, "window", None))
     except MlflowException as err:  # e.g. an unreachable tracking server
         raise AnalysisError(f"MLflow: {str(err).splitlines()[0]}") from err
     print(f"report written to {out}")

@@ -8,7 +8,7 @@
       max_retries: 0                      # a failed trial is re-enqueued with the same params this often
       sampler: {name: tpe, seed: 0}       # tpe | random | grid | nsga2 | nsga3
       pruner: {name: none}                # none | median | successive_halving | hyperband
-      objectives: [{metric: train_loss, direction: minimize}]
+      objectives: [{metric: eval_loss, direction: minimize}]   # the default: the stable final loss
       space:                              # override key -> distribution
         architecture.lane_count: {type: categorical, choices: [2, 4, 8]}
         protocol.lr: {type: float, low: 1e-3, high: 1e-2, log: true}
@@ -29,6 +29,9 @@ METRICS = ("train_loss", "eval_loss", "decode_speedup", "decode_time")
 TRAINING_METRICS = ("train_loss", "eval_loss")
 DIRECTIONS = ("minimize", "maximize")
 PARAM_TYPES = ("int", "float", "categorical")
+DEFAULT_METRIC = "eval_loss"
+"""The default objective: the final eval loss on the held-out split, a stable estimate of the final loss
+(the last step's train_loss is one batch; analysis.estimates gives the same default to the reports)."""
 DEFAULT_DIRECTION = {"train_loss": "minimize", "eval_loss": "minimize", "decode_time": "minimize",
                      "decode_speedup": "maximize"}
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -161,7 +164,8 @@ class PrunerConfig:
     name: str = "none"
     """none | median | successive_halving | hyperband."""
     report_every: int = 5
-    """The job reports the (first) objective to the study every this many optimizer steps."""
+    """train_loss objective: the job reports it to the study every this many optimizer steps. eval_loss:
+    reported at every evaluation (protocol.eval_every steps), this setting is not used."""
     n_startup_trials: int = 2
     """median: trials that are never pruned (their curves build the median)."""
     n_warmup_steps: int = 0
@@ -214,8 +218,9 @@ class PrunerConfig:
 
 @dataclass
 class Objective:
-    metric: str = "train_loss"
-    """train_loss | eval_loss (final losses of the run) | decode_speedup | decode_time (analytic, 8 x H100)."""
+    metric: str = DEFAULT_METRIC
+    """eval_loss (final eval loss, held-out: the default) | train_loss (last step's train loss, one batch)
+    | decode_speedup | decode_time (analytic, 8 x H100)."""
     direction: str = ""
     """minimize | maximize ('' = the natural one: losses and time minimize, speed-up maximize)."""
 

@@ -17,17 +17,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.study_config import PrunerConfig, StudyConfig
+from orchestrator.study_config import DEFAULT_METRIC, PrunerConfig, StudyConfig
 
 
 def _never(step: int, metrics: Mapping[str, float]) -> bool:
     return False
 
 
-def make_should_stop(storage: str, study_name: str, trial_number: int, metric: str = "train_loss",
+def make_should_stop(storage: str, study_name: str, trial_number: int, metric: str = DEFAULT_METRIC,
                      every: int = 5) -> Callable[[int, dict[str, float]], bool]:
-    """should_stop(step, metrics) for trainers.loop.train: reports metrics[metric] to the trial every
-    `every` steps (eval_loss: whenever present) and returns trial.should_prune()."""
+    """should_stop(step, metrics) for trainers.loop.train: reports metrics[metric] to the trial and returns
+    trial.should_prune(). train_loss: every `every` steps; eval_loss: whenever present (the loop adds it
+    to the step's metrics at each evaluation, every protocol.eval_every steps)."""
     import optuna
 
     from orchestrator.study import open_storage
@@ -68,7 +69,7 @@ class TrialRef:
     storage: str
     study: str
     number: int
-    metric: str = "train_loss"
+    metric: str = DEFAULT_METRIC
     report_every: int = 5
 
     @classmethod

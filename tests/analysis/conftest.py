@@ -3,10 +3,11 @@
 Experiments:
 - lane_count: llama baseline (2 seeds), sandwich L1/L2/L4 and burger L1/L2 (2 seeds each, FINISHED),
   burger L4 with one FAILED and one KILLED run (a configuration with no finished run: "missing"),
-  a third sandwich L4 seed still RUNNING at step 7.
-- variance: llama and burger x cosine and wsd, 2 seeds each; the groups overlap up to step 5 and
+  a third sandwich L4 seed still RUNNING at step 7. Finished runs log eval_loss at steps 10 and 20,
+  equal to their train loss there.
+- variance (no eval_loss logged: the default estimate is missing): llama and burger x cosine and wsd, 2 seeds each; the groups overlap up to step 5 and
   are separated from step 6 on (see VARIANCE_SEPARATION).
-- speed_quality: an Optuna-like study, 4 trials tagged with their number, decode_speedup params.
+- speed_quality: an Optuna-like study, 4 trials tagged with their number, decode_speedup params, eval_loss.
 - nothing_done: one FAILED run only.
 - empty: an experiment without runs.
 - resumed: one run with a step logged twice and a NaN step.
@@ -42,11 +43,15 @@ def variance_curve(arch: str, seed: int) -> list[float]:
     return [3.1 + 0.2 * seed if s < VARIANCE_SEPARATION else 3.5 + 0.1 * seed for s in range(1, VARIANCE_STEPS + 1)]
 
 
-def log_run(client, exp_id, name, params, tags, losses, status="FINISHED", extra=None):
+def log_run(client, exp_id, name, params, tags, losses, status="FINISHED", extra=None, eval_every=None):
+    """eval_every: also log eval_loss (equal to the train loss) every that many steps and at the last one."""
     from mlflow.entities import Metric, Param, RunTag
 
     run = client.create_run(exp_id, run_name=name)
     metrics = [Metric("train_loss", v, 1000 + s, s) for s, v in enumerate(losses, start=1)]
+    if eval_every:
+        metrics += [Metric("eval_loss", v, 1000 + s, s) for s, v in enumerate(losses, start=1)
+                    if s % eval_every == 0 or s == len(losses)]
     for key, value in (extra or {}).items():
         metrics.append(Metric(key, value, 1000 + len(losses), len(losses)))
     client.log_batch(
@@ -88,7 +93,7 @@ def _fill_lane_count(client) -> None:
                        "decode_speedup": 2.0 if arch == "tpb" else 1.0}
             tags = {"run_key": f"{label}-{seed}", "sweep": "lane_count", "arch": arch,
                     "recipe": recipe, "label": label}
-            log_run(client, exp, f"{label}-s{seed}", params, tags, loss_curve(final))
+            log_run(client, exp, f"{label}-s{seed}", params, tags, loss_curve(final), eval_every=10)
     label = "burger-L4-d12-b1-c1"
     base = _arch_params("tpb", "burger", 4) | {"n_params": 100004, "syncs": 3, "decode_speedup": 2.0}
     tags = {"sweep": "lane_count", "arch": "tpb", "recipe": "burger", "label": label}
@@ -121,16 +126,36 @@ def _fill_study(client) -> None:
         params = _arch_params("tpb", "sandwich", 2 + trial, depth=3) | _common(0)
         params |= {"architecture.lane_count": 2 + trial, "decode_speedup": speedup, "n_params": 1000, "syncs": 3}
         log_run(client, exp, f"trial-{trial}", params, {"run_key": f"t{trial}", "trial": trial,
-                                                         "label": f"sandwich-L{2 + trial}"}, loss_curve(final, 5))
+                                                         "label": f"sandwich-L{2 + trial}"}, loss_curve(final, 5),
+                eval_every=5)
+
+
+class ArtifactsIn:
+    """An MlflowClient whose experiments keep their artifacts (the report's parent run) in `root`, not in
+    ./mlruns of the directory pytest runs in."""
+
+    def __init__(self, client, root):
+        self.client, self.root = client, root
+
+    def create_experiment(self, name, **kw):
+        return self.client.create_experiment(name, artifact_location=(self.root / name).as_uri(), **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def make_store(folder) -> tuple[str, ArtifactsIn]:
+    """An empty SQLite store in `folder` and its client (artifacts in folder/mlartifacts)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    return uri, ArtifactsIn(MlflowClient(tracking_uri=uri), folder / "mlartifacts")
 
 
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory) -> str:
     """Tracking URI of the filled store (built once per test session: ~3 s)."""
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
+    uri, client = make_store(tmp_path_factory.mktemp("mlflow"))
     _fill_lane_count(client)
     _fill_variance(client)
     _fill_study(client)
@@ -149,3 +174,9 @@ def _fill_resumed(client) -> None:
     exp = client.create_experiment("resumed")
     run_id = log_run(client, exp, "resumed", {"protocol.seed": 0}, {"run_key": "r"}, [5.0, 4.0, 9.0, 0.0, 2.0])
     client.log_batch(run_id, metrics=[Metric("train_loss", 3.0, 5000, 3), Metric("train_loss", float("nan"), 5000, 4)])
+
+
+@pytest.fixture
+def new_store(tmp_path):
+    """(uri, client) of an empty store of its own, for tests that write to it."""
+    return make_store(tmp_path)

@@ -23,13 +23,14 @@ def tpb(recipe, seed, loss, lanes=4, depth=12, blocks=1, classic=1, hidden=256, 
     return {"run_id": f"{recipe}-{lanes}-{depth}-{blocks}-{classic}-{seed}", "architecture.arch": "tpb",
             "architecture.recipe": recipe, "architecture.lane_count": lanes, "architecture.lane_depth": depth,
             "architecture.tp_blocks": blocks, "architecture.n_classic_layers": classic, "architecture.hidden": hidden,
-            "lane_hidden": lane_hidden, "protocol.seed": seed, "train_loss": loss,
+            "lane_hidden": lane_hidden, "protocol.seed": seed, "train_loss": loss, "eval_loss": loss,
             "label": f"{recipe}-L{lanes}-d{depth}-b{blocks}-c{classic}", **extra}
 
 
 def baseline(arch, seed, loss):
     return {"run_id": f"{arch}-{seed}", "architecture.arch": arch, "architecture.recipe": "sandwich",
-            "protocol.seed": seed, "train_loss": loss, "label": f"{arch}-H256-n4"}
+            "protocol.seed": seed, "train_loss": loss, "eval_loss": loss,
+            "label": f"{arch}-H256-n4"}
 
 
 def curves(runs: pd.DataFrame, steps: int = 12) -> pd.DataFrame:
@@ -89,7 +90,7 @@ def test_fig16_dataset_size(tmp_path):
                      "protocol.batch_tokens": 1_000_000, "train_loss": 3.0 - steps / 1e4 + 0.01 * repeat})
     runs = pd.DataFrame(rows)
     assert F.run_tokens(runs).tolist()[:2] == [2e9, 4e9]
-    check_png(F.fig16_dataset_size(runs, tmp_path / "fig16.png"), 2)
+    check_png(F.fig16_dataset_size(runs, tmp_path / "fig16.png", metric="train_loss"), 2)
 
 
 def test_fig17a_lr_range(tmp_path):
@@ -136,11 +137,39 @@ def test_fig22_delayed_comm(tmp_path):
 def test_study_plots(tmp_path):
     runs = pd.DataFrame({"run_id": list("abcde"), "trial": [0, 1, 2, 3, 4],
                          "train_loss": [3.2, 3.3, 3.0, 3.6, 3.1], "decode_speedup": [2.0, 1.5, 1.2, 3.0, None]})
-    check_png(F.pareto_front(runs, tmp_path / "pareto.png"), 2)
-    check_png(F.optimisation_history(runs, tmp_path / "history.png"), 2)
+    check_png(F.pareto_front(runs, tmp_path / "pareto.png", metric="train_loss"), 2)
+    check_png(F.optimisation_history(runs, tmp_path / "history.png", metric="train_loss"), 2)
     assert F.trial_numbers(runs.drop(columns="trial").assign(
         start_time=pd.to_datetime([5, 1, 3, 2, 4], unit="s"))).tolist() == [4, 0, 2, 1, 3]
 
 
 def test_loss_curves_one_series_per_configuration(lane_runs, tmp_path):
     check_png(F.loss_curves(lane_runs, curves(lane_runs), tmp_path / "curves.png"), 9)  # 8 tpb configs + llama
+
+
+def band(plot: F.Plot, label_start: str):
+    """The (x, low, high) of the min-max band whose series label starts with `label_start`."""
+    [poly] = [c for ax in plot.figure.axes for c in ax.collections
+              if (c.get_gid() or "").startswith(f"band:{label_start}")]
+    vertices = pd.DataFrame(poly.get_paths()[0].vertices, columns=["x", "y"])  # the polygon's corners
+    edges = vertices.groupby("x")["y"].agg(["min", "max"])  # lower and upper edge at each x
+    return edges.index.tolist(), edges["min"].tolist(), edges["max"].tolist()
+
+
+def test_fig18_draws_the_mean_over_seeds_with_a_min_max_band(lane_runs, tmp_path):
+    plot = F.fig18_lane_count(lane_runs, tmp_path / "fig18.png")  # default estimate: eval_loss
+    ax = plot.figure.axes[0]
+    assert "mean over seeds, band = min–max" in ax.get_title()
+    assert ax.get_ylabel() == "final eval loss (held-out)"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "sandwich (mean over seeds, band = min–max, n=2)" in labels
+    xs, low, high = band(plot, "sandwich")
+    seeds = lane_runs[lane_runs["architecture.recipe"].eq("sandwich") & lane_runs["architecture.arch"].eq("tpb")]
+    by_x = seeds.groupby("architecture.lane_count")["eval_loss"]
+    assert xs == [1, 2, 4, 8]
+    assert low == pytest.approx(by_x.min().tolist()) and high == pytest.approx(by_x.max().tolist())
+    [bars] = [c for c in ax.containers if c.get_label().startswith("sandwich")]  # mean line + min/max caps
+    assert bars.lines[0].get_ydata().tolist() == pytest.approx(by_x.mean().tolist())
+    labelled = F.fig18_lane_count(lane_runs, tmp_path / "b.png", metric="train_loss",
+                                  label="mean train loss, last 20 steps")
+    assert labelled.figure.axes[0].get_ylabel() == "mean train loss, last 20 steps"

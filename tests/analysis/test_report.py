@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 
 from analysis.__main__ import main
-from analysis.collect import AnalysisError
+from analysis.collect import PARENT_TAG, AnalysisError, runs_table
 from analysis.ranking import config_names, missing_configs, pareto_mask, rank_configs
 from analysis.report import SWEEPS, build_report
+from tests.analysis.conftest import log_run, loss_curve
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,8 +41,58 @@ def test_lane_count_report_on_a_partial_sweep(mlflow_store, tmp_path):
            "(distance -0.05 at step 20)" in summary
 
 
+def test_lane_count_findings_and_estimate_named(mlflow_store, tmp_path):
+    summary = (build_report("lane_count", mlflow_store, tmp_path) / "summary.md").read_text()
+    assert "- final-loss estimate: final eval loss (held-out) (`--metric eval_loss`)" in summary
+    assert "## Ranking by final eval loss (held-out) (`eval_loss`, mean over seeds)" in summary
+    assert '- **holds** — fig18: "Results confirm using more lanes increases the loss"' in summary
+    # eval at steps 10 and 20; sandwich L2 [3.3, 3.4] vs burger L2 [3.6, 3.8]: d = -(3.4 - 3.6) = 0.2
+    assert "| lane_count=2 | 3.35 [3.3, 3.4] (n=2) | 3.7 [3.6, 3.8] (n=2) | 0.2 | 10 (of 20) | holds" in summary
+    assert '- **not judged** — fig18: "there isn\'t much different between 1 and 8 lanes"' in summary
+
+
+def test_train_loss_mean_over_a_window_from_the_cli(mlflow_store, tmp_path):
+    args = ["report", "--sweep", "lane_count", "--tracking-uri", mlflow_store, "--out", str(tmp_path),
+            "--metric", "train_loss_mean", "--window", "5"]
+    assert main(args) == 0
+    summary = (tmp_path / "lane_count" / "summary.md").read_text()
+    assert "## Ranking by mean train loss, last 5 steps (`train_loss_mean`, mean over seeds)" in summary
+    # conftest curves fall by 0.1 a step: the last 5 steps average final + 0.2; llama (3.1 + 3.2) / 2 + 0.2
+    assert "| 1 | llama-H64-n4 | 2 | 3.35 | 3.3 | 3.4 |" in summary
+
+
+def test_missing_estimate_is_a_note_not_a_crash(mlflow_store, tmp_path):
+    summary = (build_report("variance", mlflow_store, tmp_path) / "summary.md").read_text()  # no eval logged
+    assert "Not ranked: no finished run has eval_loss (see Notes)." in summary
+    assert "- 8 of 8 finished runs have no eval_loss (no eval logged): left out of ranking" in summary
+    assert "fig17d_extremum_distance.png not drawn: fig17d: no eval_loss history" in summary
+
+
+def test_report_is_logged_to_the_sweep_parent_run(new_store, tmp_path):
+    uri, client = new_store
+    exp = client.create_experiment("lane_count")
+    for recipe, lanes, seed, final in [("sandwich", 1, 0, 3.0), ("sandwich", 1, 1, 3.1), ("sandwich", 2, 0, 3.3),
+                                       ("sandwich", 2, 1, 3.4)]:
+        params = {"architecture.arch": "tpb", "architecture.recipe": recipe, "architecture.lane_count": lanes,
+                  "protocol.seed": seed}
+        log_run(client, exp, f"{recipe}-L{lanes}-s{seed}", params, {"run_key": f"k{lanes}{seed}",
+                "label": f"{recipe}-L{lanes}"}, loss_curve(final), eval_every=10)
+    out = build_report("lane_count", uri, tmp_path / "reports")
+    [parent] = client.search_runs([exp], filter_string=f"tags.{PARENT_TAG} = 'true'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep"] == "lane_count"
+    logged = sorted(f.path for f in client.list_artifacts(parent.info.run_id))
+    assert logged == sorted(p.name for p in out.iterdir()) == ["fig18_lane_count.png", "loss_curves.png",
+                                                               "summary.md"]
+    assert f"parent run `{parent.info.run_id}`" in (out / "summary.md").read_text()
+    runs = runs_table("lane_count", uri)
+    assert len(runs) == 4 and parent.info.run_id not in set(runs["run_id"]) and PARENT_TAG not in runs
+    build_report("lane_count", uri, tmp_path / "again")  # a second report: the same parent, found again
+    assert len(client.search_runs([exp], filter_string=f"tags.{PARENT_TAG} = 'true'")) == 1
+    assert "- runs: 4 (4 FINISHED)" in (tmp_path / "again" / "lane_count" / "summary.md").read_text()
+
+
 def test_variance_report_separation_steps(mlflow_store, tmp_path):
-    out = build_report("variance", mlflow_store, tmp_path)
+    out = build_report("variance", mlflow_store, tmp_path, metric="train_loss")
     assert pngs(out) == ["fig17b_variance.png", "fig17c_variance_zoom.png", "fig17d_extremum_distance.png"]
     summary = (out / "summary.md").read_text()
     # llama [3.0, 3.2] vs burger [3.5, 3.6] from step 6: d = -(3.2 - 3.5) = 0.3
@@ -63,8 +114,10 @@ def test_stale_figure_is_removed(mlflow_store, tmp_path):
     stale = tmp_path / "variance" / "fig17d_extremum_distance.png"
     stale.parent.mkdir()
     stale.write_bytes(b"old")
-    build_report("variance", mlflow_store, tmp_path)
+    build_report("variance", mlflow_store, tmp_path, metric="train_loss")
     assert stale.stat().st_size > 10_000
+    build_report("variance", mlflow_store, tmp_path)  # no eval_loss: fig17d is not drawn, and not left stale
+    assert not stale.exists()
 
 
 def test_bad_inputs_are_clear_messages(mlflow_store, tmp_path):
@@ -75,8 +128,8 @@ def test_bad_inputs_are_clear_messages(mlflow_store, tmp_path):
         build_report("nothing_done", mlflow_store, tmp_path)
     with pytest.raises(AnalysisError, match=r"'empty' has no finished run yet \(no runs\)"):
         build_report("empty", mlflow_store, tmp_path)
-    with pytest.raises(AnalysisError, match="metric 'eval_loss' not in the runs table"):
-        build_report("variance", mlflow_store, tmp_path, metric="eval_loss")
+    with pytest.raises(AnalysisError, match="metric 'loss': allowed estimates"):
+        build_report("variance", mlflow_store, tmp_path, metric="loss")
     assert not (tmp_path / "lane_cnt").exists() and not (tmp_path / "nothing_done").exists()
 
 

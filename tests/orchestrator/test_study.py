@@ -59,7 +59,8 @@ def quadratic_job(params, sleep=0.0):
         import json, math, time
         t0 = time.time(); time.sleep({sleep})
         loss = (math.log2({lanes}) - 1) ** 2 + 100 * {lr}
-        print(json.dumps({{"status": "finished", "train_loss": loss, "t0": t0, "t1": time.time()}}))
+        print(json.dumps({{"status": "finished", "eval_loss": loss, "train_loss": loss + 0.5, "t0": t0,
+                          "t1": time.time()}}))
     """)
 
 
@@ -151,8 +152,8 @@ def test_six_trial_tpe_study_two_in_parallel_completes(tmp_path, storage):
     assert [t.number for t in trials] == [0, 1, 2, 3, 4, 5]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
     flat = [o for batch in evaluate.outcomes for o in batch]
-    assert [t.value for t in trials] == pytest.approx([o["train_loss"] for o in flat])
-    assert study.best_value == min(o["train_loss"] for o in flat)
+    assert [t.value for t in trials] == pytest.approx([o["eval_loss"] for o in flat])  # the default objective
+    assert study.best_value == min(o["eval_loss"] for o in flat)
 
 
 def test_rerun_continues_to_the_total_without_renumbering(tmp_path):
@@ -182,7 +183,7 @@ def test_killed_and_failing_jobs_end_fail_and_retries_are_honoured(tmp_path):
                 p = pathlib.Path({str(marker)!r})
                 if not p.exists():
                     p.touch(); raise SystemExit('flaky: first attempt fails')
-                print(json.dumps({{"status": "finished", "train_loss": 1.5}}))
+                print(json.dumps({{"status": "finished", "eval_loss": 1.5}}))
             """)
         return quadratic_job(job.params)
 
@@ -308,7 +309,8 @@ def reporting_job(cfg, number, curve):
 def test_median_pruner_prunes_a_clearly_bad_trial_from_the_job_process(tmp_path):
     cfg = study_cfg(tmp_path, n_trials=4, n_parallel=1,
                     pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 3, "report_every": 2},
-                    space={"protocol.lr": {"type": "float", "low": 1e-3, "high": 1e-2}})
+                    space={"protocol.lr": {"type": "float", "low": 1e-3, "high": 1e-2}},
+                    objectives=[{"metric": "train_loss"}])
     good = [4.0 - 0.1 * s for s in range(12)]
     bad = [9.0] * 12
     evaluate = Recorder(lambda job: reporting_job(cfg, job.number, bad if job.number == 3 else good))
@@ -318,6 +320,48 @@ def test_median_pruner_prunes_a_clearly_bad_trial_from_the_job_process(tmp_path)
     assert trials[0].intermediate_values == {s: good[s - 1] for s in range(2, 13, 2)}
     assert trials[3].intermediate_values == {2: 9.0, 4: 9.0}  # step 2 is in the warm-up, pruned at step 4
     assert evaluate.outcomes[3] == [{"status": "stopped", "step": 4}]
+
+
+def eval_reporting_job(cfg, number, curve, eval_every=3):
+    """A job whose loop adds eval_loss to the step's metrics every `eval_every` steps only (trainers.loop);
+    make_should_stop with its default metric (eval_loss) reports those."""
+    return textwrap.dedent(f"""
+        import json
+        from orchestrator.study_trial import make_should_stop
+        should_stop = make_should_stop({cfg.storage!r}, {cfg.name!r}, {number})
+        curve = {curve!r}
+        for step, loss in enumerate(curve, start=1):
+            metrics = {{"train_loss": loss + 0.5, **({{"eval_loss": loss}} if step % {eval_every} == 0 else {{}})}}
+            if should_stop(step, metrics):
+                print(json.dumps({{"status": "stopped", "step": step}})); break
+        else:
+            print(json.dumps({{"status": "finished", "eval_loss": curve[-1], "train_loss": curve[-1] + 0.5}}))
+    """)
+
+
+def test_default_objective_is_the_stable_eval_loss(tmp_path):
+    cfg = study_cfg(tmp_path)
+    assert cfg.metrics == ["eval_loss"] and cfg.directions == ["minimize"]
+    assert StudyConfig.from_mapping({"name": "x", "space": SPACE}).metrics == ["eval_loss"]
+    node = {"name": "s", "storage": cfg.storage, "space": SPACE, "trial": 1}
+    assert TrialRef.from_study(node).metric == "eval_loss"
+
+
+@pytest.mark.slow
+def test_median_pruner_prunes_on_the_eval_loss(tmp_path):
+    cfg = study_cfg(tmp_path, n_trials=4, n_parallel=1,
+                    pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 4},
+                    space={"protocol.lr": {"type": "float", "low": 1e-3, "high": 1e-2}})
+    good = [4.0 - 0.1 * s for s in range(12)]
+    bad = [9.0] * 12
+    evaluate = Recorder(lambda job: eval_reporting_job(cfg, job.number, bad if job.number == 3 else good))
+    study = run_study(cfg, evaluate, echo=quiet)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 + [TrialState.PRUNED]
+    assert trials[0].intermediate_values == {s: good[s - 1] for s in (3, 6, 9, 12)}  # the eval steps only
+    assert trials[0].value == pytest.approx(good[-1])  # the objective: the final eval loss
+    assert trials[3].intermediate_values == {3: 9.0, 6: 9.0}  # step 3 is in the warm-up, pruned at step 6
+    assert evaluate.outcomes[3] == [{"status": "stopped", "step": 6}]
 
 
 def test_should_stop_is_silent_for_multi_objective_studies(tmp_path):

@@ -59,6 +59,7 @@ study:
   max_retries: 1
   sampler: {name: tpe, seed: 0, n_startup_trials: 2}
   pruner: {name: none, report_every: 2}
+  objectives: [{metric: train_loss}]   # the toy reports a train loss every step (report_every applies)
   space:
     x: {type: int, low: -3, high: 3}
   trial: null
@@ -85,6 +86,7 @@ def jobs(app):
 
 
 def toy_study(app, **kw):
+    kw.setdefault("objectives", [{"metric": "train_loss"}])  # as STUDY: the toy's objective
     cfg = StudyConfig(name="toy", storage=f"sqlite:///{app}/toy.db", space={"x": {"type": "int", "low": -3, "high": 3}},
                       **kw)
     return cfg, open_study(cfg)

@@ -1,0 +1,179 @@
+"""The claims table and its computed verdicts, on synthetic runs (no MLflow).
+
+Each run is a row with the params the selectors read and a final `eval_loss`; curves decay to it:
+value(step) = final + 1 / step, so eq. 12 between two groups approaches its end value from below.
+"""
+
+import itertools
+
+import pandas as pd
+import pytest
+
+from analysis import claims as C
+
+LANES = (1, 2, 4, 8)
+
+
+def run(recipe, lanes, seed, loss, arch="tpb", **extra):
+    return {"run_id": f"{arch}-{recipe}-{lanes}-{seed}", "run_name": f"{recipe}-L{lanes}-s{seed}",
+            "architecture.arch": arch, "architecture.recipe": recipe, "architecture.lane_count": lanes,
+            "protocol.seed": seed, "eval_loss": loss, **extra}
+
+
+def curves(runs: pd.DataFrame, steps: int = 10) -> pd.DataFrame:
+    return pd.DataFrame([{"run_id": r.run_id, "step": s, "value": r.eval_loss + 1.0 / s}
+                         for r in runs.itertuples() for s in range(1, steps + 1)])
+
+
+def lane_runs(sandwich: dict, burger: dict, llama=(3.0, 3.02)) -> pd.DataFrame:
+    """sandwich / burger: lanes -> (seed 0 loss, seed 1 loss)."""
+    rows = [run(recipe, lanes, seed, loss) for recipe, table in (("sandwich", sandwich), ("burger", burger))
+            for lanes, losses in table.items() for seed, loss in enumerate(losses)]
+    rows += [run("sandwich", 4, seed, loss, arch="llama") for seed, loss in enumerate(llama)]
+    return pd.DataFrame(rows)
+
+
+def claim(text):
+    [found] = [c for c in C.CLAIMS if c.text.startswith(text)]
+    return found
+
+
+BELOW = "Sandwiches outperform burgers"
+
+
+def test_a_below_b_holds_contradicted_and_inconclusive():
+    sandwich = {2: (3.10, 3.12), 4: (3.20, 3.22), 8: (3.30, 3.31)}
+    holds = lane_runs(sandwich, {2: (3.20, 3.25), 4: (3.30, 3.35), 8: (3.40, 3.42)})
+    found = C.judge(claim(BELOW), holds, "eval_loss", curves(holds))
+    assert found.verdict == C.HOLDS
+    assert [p.name for p in found.pairs] == ["lane_count=2", "lane_count=4", "lane_count=8"]
+    first = found.pairs[0]
+    # sandwich [3.10, 3.12] vs burger [3.20, 3.25]: d = -(min(3.12, 3.25) - max(3.10, 3.20)) = 0.08
+    assert first.d_end == pytest.approx(0.08)
+    assert (first.a.n, first.a.mean, first.a.low, first.a.high) == (2, pytest.approx(3.11), 3.10, 3.12)
+    # on the curves (+1/step for every run) the distance is 0.08 at every step: apart from step 1 on
+    assert (first.separated_from, first.last_step) == (1, 10)
+
+    contradicted = lane_runs(sandwich, {2: (3.20, 3.25), 4: (3.00, 3.05), 8: (3.40, 3.42)})  # burger wins at 4
+    found = C.judge(claim(BELOW), contradicted, "eval_loss")
+    assert found.verdict == C.CONTRADICTED
+    assert [p.verdict for p in found.pairs] == [C.HOLDS, C.CONTRADICTED, C.HOLDS]
+    assert found.pairs[1].d_end == pytest.approx(0.15)  # burger [3.00, 3.05] vs sandwich [3.20, 3.22]
+    assert found.pairs[1].separated_from is None  # no curves given: not computed
+
+    overlap = lane_runs(sandwich, {2: (3.11, 3.25), 4: (3.30, 3.35), 8: (3.40, 3.42)})  # bands overlap at 2
+    found = C.judge(claim(BELOW), overlap, "eval_loss", curves(overlap))
+    assert found.verdict == C.INCONCLUSIVE
+    assert found.pairs[0].verdict == C.INCONCLUSIVE and found.pairs[0].d_end == pytest.approx(-0.01)
+    assert found.pairs[0].separated_from is None and "overlap by 0.01" in found.pairs[0].why
+
+
+def test_one_seed_is_inconclusive_and_an_absent_group_is_not_judged():
+    runs = lane_runs({2: (3.10,), 4: (3.2, 3.21)}, {2: (3.5,)})
+    found = C.judge(claim(BELOW), runs, "eval_loss")
+    assert [p.verdict for p in found.pairs] == [C.INCONCLUSIVE, C.NOT_JUDGED]
+    assert "needs >= 2 runs per group" in found.pairs[0].why
+    assert "no finished run with eval_loss in group b" in found.pairs[1].why
+    assert found.verdict == C.INCONCLUSIVE
+    assert C.judge(claim(BELOW), runs.drop(columns="architecture.recipe"), "eval_loss").verdict == C.NOT_JUDGED
+
+
+def test_increasing_in_lane_count_per_recipe():
+    sandwich = {lanes: (3.0 + 0.1 * i, 3.02 + 0.1 * i) for i, lanes in enumerate(LANES)}
+    burger = {1: (3.0, 3.02), 2: (3.2, 3.22), 4: (3.1, 3.12), 8: (3.4, 3.42)}  # falls from 2 to 4 lanes
+    found = C.judge(claim("Results confirm using more lanes"), lane_runs(sandwich, burger), "eval_loss")
+    verdicts = {p.name: p.verdict for p in found.pairs}
+    assert verdicts["recipe=sandwich: lane_count=1 < lane_count=2"] == C.HOLDS
+    assert verdicts["recipe=burger: lane_count=2 < lane_count=4"] == C.CONTRADICTED
+    assert len(found.pairs) == 6 and found.verdict == C.CONTRADICTED
+    only_sandwich = lane_runs(sandwich, {})
+    assert C.judge(claim("Results confirm using more lanes"), only_sandwich, "eval_loss").verdict == C.HOLDS
+
+
+EQUIVALENT = "there isn't much different between 1 and 8 lanes"
+
+
+@pytest.mark.parametrize("l8, verdict, why", [
+    ((3.02, 3.04), C.HOLDS, "every run within 0.04 <= margin 0.05"),          # widest: 3.04 - 3.00
+    ((3.20, 3.22), C.CONTRADICTED, "bands apart by 0.18 > margin 0.05"),      # 3.20 - 3.02
+    ((3.05, 3.09), C.INCONCLUSIVE, "margin 0.05 not decided"),                # widest 0.09, gap 0.03
+])
+def test_equivalence_in_and_out_of_margin(l8, verdict, why):
+    runs = lane_runs({1: (3.00, 3.02), 8: l8}, {})
+    found = C.judge(claim(EQUIVALENT), runs, "eval_loss")
+    [pair] = found.pairs  # one recipe present
+    assert pair.name == "recipe=sandwich" and pair.verdict == verdict and why in pair.why
+    assert found.verdict == verdict
+
+
+def test_tp_blocks_equivalence_compares_every_pair_of_counts():
+    rows = [run(recipe, 4, seed, 3.0 + 0.01 * blocks + 0.01 * seed, **{"architecture.tp_blocks": blocks})
+            for recipe, blocks, seed in itertools.product(["sandwich", "burger"], [1, 2, 3], [0, 1])]
+    found = C.judge(claim("the number of tensor parallel blocks"), pd.DataFrame(rows), "eval_loss")
+    assert len(found.pairs) == 2 * 3  # 3 pairs of counts per recipe
+    assert found.verdict == C.HOLDS  # the widest gap: 1 block seed 0 (3.01) vs 3 blocks seed 1 (3.04)
+    assert max(p.widest for p in found.pairs) == pytest.approx(0.03)
+
+
+def test_differs_llama_vs_one_lane():
+    apart = lane_runs({1: (3.10, 3.12)}, {1: (3.00, 3.02)}, llama=(3.20, 3.22))
+    same = lane_runs({1: (3.10, 3.12)}, {1: (3.00, 3.02)}, llama=(3.11, 3.13))
+    assert C.judge(claim("[different hyper parameters explain] the difference between [the Llama Baseline] "
+                         "and the 1 Lane Baseline (sandwich)"), apart, "eval_loss").verdict == C.HOLDS
+    found = C.judge(claim("[different hyper parameters explain] the difference between [the Llama Baseline] "
+                          "and the 1 Lane Baseline (sandwich)"), same, "eval_loss")
+    assert found.verdict == C.CONTRADICTED and "within 0.03 <= margin 0.05" in found.pairs[0].why
+
+
+def test_rises_more_and_wider_spread():
+    def classic(recipe, layers, seed, loss):
+        return run(recipe, 4, seed, loss, **{"architecture.n_classic_layers": layers})
+
+    steep = pd.DataFrame([classic("sandwich", 1, 0, 3.0), classic("sandwich", 1, 1, 3.01),
+                          classic("sandwich", 4, 0, 3.5), classic("sandwich", 4, 1, 3.52),
+                          classic("burger", 1, 0, 3.1), classic("burger", 1, 1, 3.11),
+                          classic("burger", 4, 0, 3.2), classic("burger", 4, 1, 3.22)])
+    found = C.judge(claim("This phenomenon is much more pronounced"), steep, "eval_loss")
+    [pair] = found.pairs
+    # sandwich rise in [3.5 - 3.01, 3.52 - 3.0] = [0.49, 0.52]; burger [0.09, 0.12]
+    assert (pair.a.low, pair.a.high, pair.b.low, pair.b.high) == pytest.approx((0.49, 0.52, 0.09, 0.12))
+    assert found.verdict == C.HOLDS and pair.d_end == pytest.approx(0.37)
+    flat = steep.assign(eval_loss=steep["eval_loss"].where(steep["architecture.recipe"] == "burger",
+                                                           [3.0, 3.01, 3.02, 3.03, 0, 0, 0, 0]))
+    assert C.judge(claim("This phenomenon is much more pronounced"), flat, "eval_loss").verdict == C.CONTRADICTED
+
+    def sized(arch, tokens, seed, loss):
+        return run("burger", 4, seed, loss, arch=arch, tokens=tokens)
+
+    runs = pd.DataFrame([sized("tpb", 4e9, 0, 3.0), sized("tpb", 4e9, 1, 3.3), sized("llama", 4e9, 0, 2.9),
+                         sized("llama", 4e9, 1, 2.95), sized("tpb", 2e9, 0, 3.4), sized("llama", 2e9, 0, 3.1)])
+    found = C.judge(claim("Figure 16b highlights"), runs, "eval_loss")
+    assert [p.name for p in found.pairs] == ["tokens=4e+09"]  # 2e9 has one run per group: no range
+    assert found.verdict == C.HOLDS and found.pairs[0].d_end == pytest.approx(0.25)
+
+
+def test_qualitative_claims_are_listed_not_judged():
+    found = C.judge(claim("no unexpected behavior"), pd.DataFrame(), "eval_loss")
+    assert found.verdict == C.NOT_JUDGED and found.why.startswith("qualitative")
+
+
+def test_the_table_covers_figures_16_to_22():
+    figures = {c.figure[:5] for c in C.CLAIMS}
+    assert figures == {"fig16", "fig17", "fig18", "fig19", "fig20", "fig21", "fig22"}
+    fig18 = [c for c in C.CLAIMS if c.figure == "fig18"]
+    assert {c.relation for c in fig18} == {"equivalent", "a < b", "increasing in x", "differs"}
+    assert all(c.margin == C.MARGIN for c in C.CLAIMS if c.relation == "equivalent")
+    with pytest.raises(ValueError, match="needs a margin"):
+        C.Claim("fig20", "tp_blocks", "x", "equivalent", C.TPB)
+    with pytest.raises(ValueError, match="relation 'better'"):
+        C.Claim("fig20", "tp_blocks", "x", "better")
+
+
+def test_markdown_lists_every_claim_with_its_numbers():
+    runs = lane_runs({1: (3.10, 3.12), 2: (3.2, 3.21)}, {1: (3.11, 3.13), 2: (3.4, 3.45)})
+    found = C.findings("lane_count", runs, "eval_loss", curves(runs))
+    text = "\n".join(C.markdown(found, "final eval loss (held-out)"))
+    assert len(found) == sum(c.sweep == "lane_count" for c in C.CLAIMS)
+    assert '- **holds** — fig18: "Sandwiches outperform burgers at every lane [count > 1]"' in text
+    assert "| lane_count=2 | 3.205 [3.2, 3.21] (n=2) | 3.425 [3.4, 3.45] (n=2) | 0.19 | 1 (of 10) | holds" in text
+    assert "equivalent within margin 0.05 nats" in text
