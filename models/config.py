@@ -8,8 +8,12 @@ Shapes at a glance (H = model hidden size, L = lane_count, h = lane hidden size)
                    sandwich: h = H / L (split / concatenate)
                    burger  : h = H     (broadcast / each lane writes its own H/L feature slice)
 
-The budget solver (models/budget.py) changes only `hidden` (or `lane_hidden` for sandwich,
-through `hidden = lane_count * lane_hidden`); every other field is a fixed choice of the sweep.
+FFN widths: d_ffn = ffn_dim or round(ffn_mult * H) (dense layers), lane_d_ffn = lane_ffn_dim or
+round(lane_ffn_mult * h) (lanes); 0 means "from the multiplier", which stays the nominal ratio.
+
+The budget solver (models/budget.py) changes `hidden` (or `lane_hidden` for sandwich, through
+`hidden = lane_count * lane_hidden`) and then, unless budget_fit=hidden, the FFN widths `ffn_dim` /
+`lane_ffn_dim`; every other field is a fixed choice of the sweep.
 """
 
 from __future__ import annotations
@@ -56,7 +60,9 @@ class ModelConfig:
     n_kv_heads: int = 4
     """KV heads of dense layers (grouped-query attention); must divide n_heads."""
     ffn_mult: float = 2.0
-    """d_ffn = round(ffn_mult * H) for dense layers (report section 6: 2; GPT-2: 4)."""
+    """d_ffn = round(ffn_mult * H) for dense layers (report section 6: 2; GPT-2: 4), unless ffn_dim is set."""
+    ffn_dim: int = 0
+    """Explicit d_ffn of dense layers (0 = round(ffn_mult * H)); the budget solver may set it."""
     tied: bool = True
     """LM head shares the embedding matrix (counted once)."""
     max_seq_len: int = 2048
@@ -74,7 +80,9 @@ class ModelConfig:
     lane_heads: int = 4
     lane_kv_heads: int = 1
     lane_ffn_mult: float = 2.0
-    """d_ffn of a lane layer = round(lane_ffn_mult * lane_hidden)."""
+    """d_ffn of a lane layer = round(lane_ffn_mult * lane_hidden), unless lane_ffn_dim is set."""
+    lane_ffn_dim: int = 0
+    """Explicit d_ffn of a lane layer (0 = round(lane_ffn_mult * lane_hidden)); the budget solver may set it."""
 
     # --- delayed communication between lanes (report section 4.2) ---
     comm: bool = False
@@ -92,6 +100,10 @@ class ModelConfig:
             raise ValueError(f"arch={self.arch!r}: unknown architecture, allowed: {', '.join(ARCHS)}")
         for name in ("vocab_size", "hidden", "n_heads", "n_kv_heads", "max_seq_len"):
             _positive(name, getattr(self, name))
+        for name in ("ffn_dim", "lane_ffn_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 0 (0 = from the multiplier)")
         if self.ffn_mult <= 0 or self.d_ffn < 1:
             raise ValueError(f"ffn_mult={self.ffn_mult}: must give d_ffn = round(ffn_mult * hidden) >= 1")
         if self.comm_reduction not in REDUCTIONS:
@@ -140,7 +152,8 @@ class ModelConfig:
     # --- derived shapes ---
     @property
     def d_ffn(self) -> int:
-        return round(self.ffn_mult * self.hidden)
+        """FFN width of dense layers: ffn_dim, or round(ffn_mult * hidden) when ffn_dim is 0."""
+        return self.ffn_dim or round(self.ffn_mult * self.hidden)
 
     @property
     def lane_hidden(self) -> int:
@@ -149,7 +162,8 @@ class ModelConfig:
 
     @property
     def lane_d_ffn(self) -> int:
-        return round(self.lane_ffn_mult * self.lane_hidden)
+        """FFN width of a lane layer: lane_ffn_dim, or round(lane_ffn_mult * lane_hidden) when it is 0."""
+        return self.lane_ffn_dim or round(self.lane_ffn_mult * self.lane_hidden)
 
     @property
     def lane_out(self) -> int:

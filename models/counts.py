@@ -5,7 +5,7 @@ H = hidden, V = vocab_size, and the embedding included (a tied head is counted o
 
     llama : tok_emb [V,H] + n_layers x dense_layer(H) + final norm [H] + head [V,H] (untied)
             dense_layer: attn_norm H, wq H*H, wk/wv H*kv*hd each, wo H*H, ffn_norm H,
-                         w1/w2 H*F each, w3 F*H                      (hd = H/n_heads, F = d_ffn)
+                         w1/w2 H*F each, w3 F*H     (hd = H/n_heads, F = d_ffn = ffn_dim or round(ffn_mult H))
     gpt2  : wte [V,H] + wpe [max_seq_len,H] + n_layers x (LayerNorms 4H, c_attn 3H*H+3H,
             c_proj H*H+H, c_fc H*F+F, c_proj F*H+H) + ln_f 2H + head [V,H] (untied)
     tpb   : tok_emb [V,H] + tp_blocks x (lane_depth x L x lane_layer
@@ -13,7 +13,10 @@ H = hidden, V = vocab_size, and the embedding included (a tied head is counted o
                                          + n_classic_layers x dense_layer(H))
             + final norm [H] + head [V,H] (untied)
             lane_layer: attn_norm h, wq h*h, wk/wv h*kvl*hdl each, wo h*h, ffn_norm h,
-                        w1/w2 h*Fl each, w3 Fl*out        (out = h for sandwich, H/L for burger)
+                        w1/w2 h*Fl each, w3 Fl*out        (out = h for sandwich, H/L for burger;
+                                                           Fl = lane_d_ffn = lane_ffn_dim or round(lane_ffn_mult h))
+
+The count is linear in each FFN width (F or Fl) at a fixed hidden size: the budget solver uses that.
 
 Synchronisations per decode step (report sections 3.3 and 4.5): a dense layer under tensor
 parallelism reduces twice (after attention, after the FFN); a Tensor Parallel Block once, at
@@ -70,6 +73,31 @@ def param_count(cfg: ModelConfig) -> int:
     comm_norms = len(cfg.comm_schedule()) * cfg.lane_count * cfg.lane_hidden
     classic = cfg.n_classic_layers * _dense_layer_params(cfg)
     return _embedding_params(cfg) + cfg.tp_blocks * (lanes + comm_norms + classic) + h
+
+
+def embedding_params(cfg: ModelConfig) -> int:
+    """Token embedding, untied head and GPT-2's learned position table."""
+    positions = cfg.max_seq_len * cfg.hidden if cfg.arch == "gpt2" else 0
+    return _embedding_params(cfg) + positions
+
+
+def non_embedding_params(cfg: ModelConfig) -> int:
+    """param_count without the embedding tables (token, untied head, GPT-2 positions)."""
+    return param_count(cfg) - embedding_params(cfg)
+
+
+def ffn_shape(cfg: ModelConfig) -> tuple[int, int, float]:
+    """(FFN width, the width it multiplies, nominal ratio) of the layers holding most parameters:
+    the lanes for tpb (lane_d_ffn, lane_hidden, lane_ffn_mult), every layer for llama / gpt2
+    (d_ffn, hidden, ffn_mult). The ratio width / base is the report's 2.0 when nothing is fitted."""
+    if cfg.arch == "tpb":
+        return cfg.lane_d_ffn, cfg.lane_hidden, cfg.lane_ffn_mult
+    return cfg.d_ffn, cfg.hidden, cfg.ffn_mult
+
+
+def ffn_ratio(cfg: ModelConfig) -> float:
+    width, base, _ = ffn_shape(cfg)
+    return width / base
 
 
 # --- decode-step figures (inputs of analysis/decode.py) ---
@@ -148,10 +176,10 @@ def describe(cfg: ModelConfig, context: int | None = None) -> dict[str, int | fl
     """The figures above for logging (context defaults to cfg.max_seq_len)."""
     context = context or cfg.max_seq_len
     params = param_count(cfg)
-    embedding = _embedding_params(cfg) + (cfg.max_seq_len * cfg.hidden if cfg.arch == "gpt2" else 0)
     return {
         "params": params,
-        "params_non_embedding": params - embedding,
+        "params_non_embedding": params - embedding_params(cfg),
+        "ffn_ratio": ffn_ratio(cfg),
         "hidden": cfg.hidden,
         "lane_hidden": cfg.lane_hidden if cfg.arch == "tpb" else cfg.hidden,
         "depth": cfg.depth,

@@ -23,7 +23,8 @@ DECODE_DEVICE, DECODE_GPUS = "H100", 8
 @dataclass
 class Job:
     run: RunConfig
-    """Architecture solved for the budget, protocol.steps scaled by token_scale."""
+    """Architecture solved for the budget (hidden, then the FFN width with budget_fit=ffn), protocol.steps
+    scaled by token_scale."""
     run_key: str
     params: int
     deviation: float | None
@@ -35,6 +36,16 @@ class Job:
     """Predicted decode step time in seconds on 8 x H100."""
     overrides: list[str] = field(default_factory=list)
     run_name: str = ""
+    adjusted: tuple[str, ...] = ()
+    """ModelConfig fields the budget solver set (("hidden", "ffn_dim", "lane_ffn_dim") for a tpb under
+    budget_fit=ffn, ("hidden",) under budget_fit=hidden); () without a budget."""
+    ffn: int = 0
+    """FFN width of the lanes (tpb) or of every layer (llama / gpt2)."""
+    ffn_ratio: float = 0.0
+    """ffn / lane_hidden (tpb) or ffn / hidden: the report's 2.0 before fitting."""
+    nominal_ffn_ratio: float = 0.0
+    """The configured multiplier (lane_ffn_mult or ffn_mult)."""
+    non_embedding_params: int = 0
 
     @property
     def lane_hidden(self) -> int:
@@ -63,14 +74,14 @@ def decode_prediction(arch: Any) -> tuple[float | None, float | None]:
 def plan_job(run: RunConfig, overrides: list[str] | None = None) -> Job:
     """Solve, scale, check and key one run; raises ConfigError naming the field (and the job)."""
     from models.budget import BudgetError, solve
-    from models.counts import param_count, sync_count
+    from models.counts import ffn_shape, non_embedding_params, param_count, sync_count
 
     overrides = list(overrides or [])
-    arch, deviation = run.architecture, None
+    arch, deviation, adjusted = run.architecture, None, ()
     try:
         if run.budget > 0:
-            solved = solve(arch, run.budget, run.tolerance)
-            arch, deviation = solved.config, solved.deviation
+            solved = solve(arch, run.budget, run.tolerance, run.budget_fit)
+            arch, deviation, adjusted = solved.config, solved.deviation, solved.adjusted
         steps = max(1, round(run.protocol.steps * run.token_scale))
         protocol = dataclasses.replace(run.protocol, steps=steps)
         protocol.grad_accum(run.cluster.world_size)
@@ -81,8 +92,11 @@ def plan_job(run: RunConfig, overrides: list[str] | None = None) -> Job:
                           f"{arch.max_seq_len}{_where(overrides)}")
     run = dataclasses.replace(run, architecture=arch, protocol=protocol)
     speedup, step_s = decode_prediction(arch)
+    ffn, base, nominal = ffn_shape(arch)
     job = Job(run=run, run_key=run_key(run), params=param_count(arch), deviation=deviation,
-              syncs=sync_count(arch), decode_speedup=speedup, decode_time=step_s, overrides=overrides)
+              syncs=sync_count(arch), decode_speedup=speedup, decode_time=step_s, overrides=overrides,
+              adjusted=adjusted, ffn=ffn, ffn_ratio=ffn / base, nominal_ffn_ratio=nominal,
+              non_embedding_params=non_embedding_params(arch))
     job.run_name = job.label
     return job
 
@@ -125,12 +139,21 @@ def _name_runs(jobs: list[Job]) -> None:
 
 
 def print_plan(jobs: list[Job], actions: list[str] | None = None, title: str = "") -> None:
-    """One row per job: name, shape, parameters, deviation, syncs, predicted decode speed-up, run key."""
+    """One row per job: name, shape, FFN width and ratio, parameters, deviation, syncs, decode speed-up, run key.
+
+    `adjusted` names the FFN widths the budget solver set after the hidden size (ffn+lane_ffn for a tpb with
+    classic layers under budget_fit=ffn, lane_ffn, ffn; hidden alone under budget_fit=hidden; - without a
+    budget); `ffn` is the lanes' FFN
+    width for tpb (every layer's otherwise) and `ffn ratio` that width over the lane / model hidden size,
+    shown beside the configured ratio (the report's 2.0) as `ratio (nominal)`; `non-emb` is params
+    without embedding tables.
+    """
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title or None, show_lines=False, header_style="bold")
-    columns = ["#", "run", "hidden", "lane hidden", "params", "deviation", "syncs", "decode x", "run key"]
+    columns = ["#", "run", "hidden", "lane hidden", "adjusted", "ffn", "ffn ratio", "params", "non-emb",
+               "deviation", "syncs", "decode x", "run key"]
     if actions is not None:
         columns.append("action")
     for name in columns:
@@ -138,11 +161,14 @@ def print_plan(jobs: list[Job], actions: list[str] | None = None, title: str = "
         table.add_column(name, justify="left" if left else "right", no_wrap=left)
     for i, job in enumerate(jobs):
         row = [
-            str(i), job.run_name, str(job.run.architecture.hidden), str(job.lane_hidden), f"{job.params:,}",
+            str(i), job.run_name, str(job.run.architecture.hidden), str(job.lane_hidden),
+            "+".join(name.removesuffix("_dim") for name in job.adjusted[1:]) or (job.adjusted or ("-",))[0],
+            str(job.ffn),
+            f"{job.ffn_ratio:.2f} ({job.nominal_ffn_ratio:g})", f"{job.params:,}", f"{job.non_embedding_params:,}",
             "-" if job.deviation is None else f"{job.deviation:+.2%}", str(job.syncs),
             "-" if job.decode_speedup is None else f"{job.decode_speedup:.2f}", job.run_key,
         ]
         if actions is not None:
             row.append(actions[i])
         table.add_row(*row)
-    Console(width=max(160, Console().width)).print(table)
+    Console(width=max(200, Console().width)).print(table)

@@ -18,6 +18,11 @@ BAD = [  # (case, fields, text the message must contain)
     ("unknown reduction, comm off", dict(TPB, comm_reduction="max"), "comm_reduction='max'"),
     ("ffn_mult rounds d_ffn to 0", dict(hidden=64, ffn_mult=0.001), "ffn_mult=0.001"),
     ("lane_ffn_mult rounds lane d_ffn to 0", dict(TPB, lane_ffn_mult=0.01), "lane_ffn_mult=0.01"),
+    ("negative ffn_dim", dict(ffn_dim=-1), "ffn_dim=-1"),
+    ("float ffn_dim", dict(ffn_dim=96.5), "ffn_dim=96.5"),
+    ("bool ffn_dim", dict(ffn_dim=True), "ffn_dim=True"),
+    ("negative lane_ffn_dim", dict(TPB, lane_ffn_dim=-2), "lane_ffn_dim=-2"),
+    ("float lane_ffn_dim", dict(TPB, lane_ffn_dim=3.0), "lane_ffn_dim=3.0"),
     ("lanes do not divide hidden, burger", dict(TPB, recipe="burger", hidden=66), "lane_count=4 does not divide hidden=66"),
     ("lanes do not divide hidden, sandwich", dict(TPB, recipe="sandwich", hidden=66), "lane_count=4 does not divide hidden=66"),
     ("comm_start = lane_depth", dict(COMM, comm_start=3), "comm_start=3"),
@@ -80,3 +85,15 @@ def test_comm_schedule_of_kraken_and_of_a_sparse_setting():
     sparse = ModelConfig(**dict(COMM, lane_depth=8, comm_start=1, comm_interleave=2, comm_length=3))
     assert sparse.comm_schedule() == [(1, 4), (4, 7)]  # send at 7 would arrive at 10 > depth: dropped
     assert ModelConfig(**TPB).comm_schedule() == []
+
+
+def test_explicit_ffn_widths_override_the_multipliers():
+    dense = ModelConfig(hidden=64, ffn_mult=2.0)
+    assert (dense.ffn_dim, dense.d_ffn) == (0, 128)  # 0 = round(ffn_mult x hidden)
+    assert ModelConfig(hidden=64, ffn_dim=150).d_ffn == 150
+    lanes = ModelConfig(**dict(TPB, lane_ffn_mult=1.5))
+    assert (lanes.lane_ffn_dim, lanes.lane_d_ffn) == (0, 24)  # sandwich lane hidden 16 x 1.5
+    fitted = ModelConfig(**dict(TPB, lane_ffn_dim=41, ffn_dim=99))
+    assert (fitted.lane_d_ffn, fitted.d_ffn) == (41, 99)
+    # an explicit width makes a tiny multiplier harmless: the multiplier is only the nominal ratio
+    assert ModelConfig(hidden=64, ffn_mult=0.001, ffn_dim=8).d_ffn == 8

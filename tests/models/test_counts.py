@@ -9,6 +9,8 @@ from models import build_model
 from models.config import ModelConfig
 from models.counts import (
     describe,
+    ffn_ratio,
+    ffn_shape,
     flops_per_token,
     kv_bytes_per_token,
     param_count,
@@ -121,9 +123,67 @@ for recipe in ("sandwich", "burger"):
     ]
 
 
-@pytest.mark.parametrize("cfg", GRID, ids=[c.label() + f"-t{int(c.tied)}" for c in GRID])
+# explicit FFN widths (what the budget solver's fit="ffn" sets): any integer, not round(mult x width)
+GRID += [
+    ModelConfig(arch="llama", vocab_size=64, hidden=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=77),
+    ModelConfig(arch="gpt2", vocab_size=64, hidden=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_mult=4.0,
+                ffn_dim=101, tied=False),
+    tpb(recipe="sandwich", lane_count=4, hidden=64, lane_depth=2, n_classic_layers=1, lane_ffn_dim=37),
+    tpb(recipe="burger", lane_count=4, hidden=32, lane_depth=2, n_classic_layers=1, lane_ffn_dim=53, ffn_dim=29),
+    tpb(recipe="burger", lane_count=2, lane_depth=3, comm=True, comm_length=1, lane_ffn_dim=1),
+]
+
+
+@pytest.mark.parametrize("cfg", GRID, ids=[c.label() + f"-t{int(c.tied)}-f{c.ffn_dim}-{c.lane_ffn_dim}" for c in GRID])
 def test_count_equals_numel(cfg):
     assert param_count(cfg) == numel(cfg)
+
+
+def test_ffn_widths_reach_the_modules():
+    cfg = tpb(recipe="burger", lane_count=4, hidden=32, lane_depth=2, n_classic_layers=1, lane_ffn_dim=53, ffn_dim=29)
+    assert (cfg.lane_d_ffn, cfg.d_ffn) == (53, 29)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    shapes = {tuple(p.shape) for p in model.parameters()}
+    assert (4, 32, 53) in shapes and (4, 53, 8) in shapes  # lane w1 / w2 and w3 (burger: H / L = 8 out)
+    assert (29, 32) in shapes and (32, 29) in shapes  # classic SwiGLU
+    assert ffn_shape(cfg) == (53, 32, 2.0) and ffn_ratio(cfg) == 53 / 32
+    dense = ModelConfig(arch="llama", vocab_size=64, hidden=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=77)
+    assert ffn_shape(dense) == (77, 32, 2.0)
+    assert ffn_shape(ModelConfig(arch="llama", vocab_size=64, hidden=32, n_layers=1, n_heads=4)) == (64, 32, 2.0)
+
+
+# shapes the budget solver fits (fit="ffn") for the shipped sweeps' structures: count == built model
+FITTED = [
+    (dict(arch="tpb", recipe=recipe, lane_count=lanes, lane_depth=12, n_classic_layers=1, lane_heads=4,
+          lane_kv_heads=1, n_heads=8, n_kv_heads=8, vocab_size=4096, max_seq_len=64), 2_000_000)
+    for recipe in ("sandwich", "burger") for lanes in (1, 4, 16)
+] + [
+    (dict(arch="tpb", recipe="burger", lane_count=4, lane_depth=4, tp_blocks=2, n_classic_layers=1, lane_heads=4,
+          lane_kv_heads=1, n_heads=8, n_kv_heads=8, lane_ffn_mult=1.5, ffn_mult=1.5, vocab_size=4096,
+          comm=True, comm_length=2), 2_000_000),
+    (dict(arch="llama", n_layers=12, n_heads=8, n_kv_heads=8, vocab_size=4096, max_seq_len=64), 2_000_000),
+    (dict(arch="gpt2", n_layers=12, n_heads=12, ffn_mult=4.0, vocab_size=4096, max_seq_len=64), 2_000_000),
+    (dict(arch="tpb", recipe="burger", lane_count=8, lane_depth=12, n_classic_layers=1, lane_heads=4,
+          lane_kv_heads=1, n_heads=8, n_kv_heads=8, vocab_size=32001), 135_000_000),
+    (dict(arch="gpt2", n_layers=12, n_heads=12, ffn_mult=4.0, vocab_size=50000, tied=False, max_seq_len=128),
+     150_000_000),
+]
+
+
+@pytest.mark.parametrize("fields, budget", FITTED, ids=[f"{f['arch']}-{f.get('recipe', '')}-{f.get('lane_count', '')}-{b}"
+                                                        for f, b in FITTED])
+def test_fitted_shapes_count_exactly(fields, budget):
+    from models.budget import hidden_step, solve
+
+    start = ModelConfig(**{**fields, "hidden": 256 if fields["arch"] != "gpt2" else 12 * 16})
+    start = ModelConfig(**{**fields, "hidden": 4 * hidden_step(start)[0]})
+    got = solve(start, budget, 0.01)
+    cfg = got.config
+    assert (cfg.lane_ffn_dim if cfg.arch == "tpb" else cfg.ffn_dim) == got.ffn >= 1
+    assert got.params == param_count(cfg) == numel(cfg)
+    assert got.non_embedding_params == describe(cfg)["params_non_embedding"]
+    assert abs(got.params - budget) <= 0.01 * budget
 
 
 def test_report_table4_burgers():

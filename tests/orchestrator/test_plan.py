@@ -45,16 +45,17 @@ def hydra_env():
 GROUPS = {"architecture", "protocol", "data", "cluster", "tracking"}
 
 
-def sweep_jobs(hydra_env, sweep: str, protocol: str):
-    """plan_job for every job of the sweep. Hydra composes once per set of group choices (0.2 s a compose);
-    the key overrides are then parsed by Hydra's override parser and set on a copy (typed, struct mode)."""
+def sweep_jobs(hydra_env, sweep: str, protocol: str, extra: list[str] | None = None):
+    """plan_job for every job of the sweep (`extra`: more command-line overrides, e.g. data=codeparrot).
+    Hydra composes once per set of group choices (0.2 s a compose); the key overrides are then parsed by
+    Hydra's override parser and set on a copy (typed, struct mode)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     from orchestrator.grid import expand
 
     compose, loader = hydra_env
-    base = [f"+sweep={sweep}", f"protocol={protocol}"]
+    base = [f"+sweep={sweep}", f"protocol={protocol}", *(extra or [])]
     sweeper = compose("config", overrides=base, return_hydra_config=True).hydra.sweeper
     parser = OverridesParser.create()
     composed: dict[tuple, object] = {}
@@ -97,7 +98,7 @@ def test_lane_count_shapes_match_the_report_layout(hydra_env):
     llama = [j for j in jobs if j.run.architecture.arch == "llama"]
     assert len(llama) == 1 and llama[0].syncs == 2 * 12
     for job in jobs:
-        assert 0.95 * 135e6 <= job.params <= 1.05 * 135e6
+        assert 0.99 * 135e6 <= job.params <= 1.01 * 135e6
 
 
 def test_first_wave_burger0_solves_to_the_reports_hidden_size(hydra_env):
@@ -124,3 +125,44 @@ def test_unsolvable_budget_names_the_setting(hydra_env):
     run = to_run_config(compose("config", overrides=["architecture=burger", "architecture.lane_count=16", "budget=100000"]))
     with pytest.raises(ConfigError, match=r"budget of 100,000.*lane_count=16.*\(job: x\)"):
         plan_job(run, ["x"])
+
+
+def test_dry_run_shows_the_fit_and_the_run_logs_it(hydra_env, capsys):
+    from orchestrator.plan import print_plan
+    from orchestrator.tracking import run_params
+
+    jobs, _ = dedupe(sweep_jobs(hydra_env, "lane_count", "small"))
+    burger16 = next(j for j in jobs if j.run.architecture.label() == "burger-L16-d12-b1-c1")
+    arch = burger16.run.architecture
+    assert burger16.adjusted == ("hidden", "ffn_dim", "lane_ffn_dim") and arch.lane_ffn_dim == burger16.ffn
+    assert abs(arch.d_ffn / arch.hidden / burger16.ffn_ratio - 1) < 0.01  # one common factor
+    assert burger16.ffn_ratio == arch.lane_d_ffn / arch.lane_hidden and burger16.nominal_ffn_ratio == 2.0
+    assert burger16.non_embedding_params == burger16.params - arch.vocab_size * arch.hidden
+    print_plan(jobs)
+    out = capsys.readouterr().out
+    for column in ("adjusted", "ffn", "ffn ratio", "non-emb", "deviation"):
+        assert column in out
+    assert f"{burger16.ffn_ratio:.2f} (2)" in out and "ffn+lane_ffn" in out
+    params = run_params(burger16)
+    assert params["budget_fit"] == "ffn" and params["tolerance"] == "0.01"
+    assert params["budget_adjusted"] == "hidden,ffn_dim,lane_ffn_dim" and params["ffn"] == str(burger16.ffn)
+    assert float(params["ffn_ratio"]) == pytest.approx(burger16.ffn_ratio, abs=1e-4)
+    assert params["non_embedding_params"] == str(burger16.non_embedding_params)
+    assert params["architecture.lane_ffn_dim"] == str(burger16.ffn)
+
+
+def test_budget_fit_hidden_is_the_reports_rule_and_refuses_beyond_one_percent(hydra_env):
+    compose, _ = hydra_env
+    overrides = ["architecture=burger", "architecture.lane_count=16", "architecture.lane_depth=12", "budget_fit=hidden"]
+    run = to_run_config(compose("config", overrides=overrides))
+    assert (run.tolerance, run.budget_fit) == (0.01, "hidden")
+    with pytest.raises(ConfigError, match=r"within tolerance 1.0%.*budget_fit=hidden.*\(job: y\)"):
+        plan_job(run, ["y"])
+    loose = plan_job(to_run_config(compose("config", overrides=[*overrides, "tolerance=0.3"])))
+    assert loose.adjusted == ("hidden",) and loose.ffn_ratio == 2.0 and loose.deviation < -0.25
+
+
+def test_budget_fit_is_validated(hydra_env):
+    compose, _ = hydra_env
+    with pytest.raises(ConfigError, match=r"budget_fit='lanes': allowed: ffn, lane_ffn, hidden"):
+        to_run_config(compose("config", overrides=["budget_fit=lanes"]))
