@@ -5,6 +5,10 @@
     python -m orchestrator +sweep=lane_count -m              # conf/sweep/lane_count.yaml
     python -m orchestrator +sweep=lane_count -m dry_run=true # solved shapes only, nothing launched
     python -m orchestrator +sweep=lane_count -m protocol=paper data=fineweb_edu cluster=slurm
+    python -m orchestrator +sweep=lane_count -m seeds=3      # every point over protocol.seed 0, 1, 2
+
+A sweep (-m) ends with its report (analysis.report: reports/<name>/, also the artifacts of the sweep's
+parent run in MLflow) and the URL of its runs table in MLflow's UI.
 
 Exit codes: 0 every run finished (or was skipped, or detached); 1 some run failed or was killed;
 2 bad input (unknown key, group option or sweep, bad value, unsolvable budget, unwritable output
@@ -58,7 +62,10 @@ def _single(cfg) -> dict:
     from orchestrator.launcher import launch
 
     try:
-        return launch([cfg], [_task_overrides()])[0]
+        if cfg.get("seeds"):
+            raise ConfigError(f"seeds={cfg.seeds} runs every point of a sweep over protocol.seed 0..{cfg.seeds - 1}: "
+                              "add -m (a sweep), or give one run its seed with protocol.seed=K")
+        return launch([cfg], [_task_overrides()], multirun=False)[0]
     except ConfigError as error:
         sys.stderr.write(bad_input_message(error))
         raise SystemExit(2) from error

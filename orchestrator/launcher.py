@@ -5,11 +5,15 @@
       2. one job per run key (a baseline repeated across a TPB grid runs once)
       3. dry_run: print the table, stop
       4. output dir and tracking store checked, then the store / experiment created (once, here)
-      5. per run key: FINISHED -> skipped; queued or running elsewhere -> left alone;
-         FAILED / KILLED / dead -> resumed (same MLflow run, same run dir); new -> created SCHEDULED
+      5. a sweep (-m) finds or creates its parent run (analysis.collect.sweep_parent); per run key:
+         FINISHED -> skipped; queued or running elsewhere -> left alone; FAILED / KILLED / dead -> resumed
+         (same MLflow run, same run dir); new -> created SCHEDULED. Every run is the parent's child
+         (tag mlflow.parentRunId), so MLflow's UI nests them
       6. submitted through submitit: a local pool that never oversubscribes (LocalExecutor, throttled
          here) or a Slurm job array; detach=true returns at once (a local pool goes to the background)
       7. followed until every job ends: counts and each run's step / loss (from run_dir/metrics.jsonl)
+      8. a grid sweep whose every job ended gets its report (analysis.report.build_report: reports/<name>/,
+         also the parent run's artifacts); then the URL of the sweep's runs table in MLflow's UI
 
 Returns one outcome mapping per input config (orchestrator.job's, or {"status": "skipped", ...}).
 """
@@ -174,18 +178,25 @@ def config_yaml(job: Job) -> str:
     return f"# run key {job.run_key}\n# overrides: {' '.join(job.overrides)}\n{body}"
 
 
-def prepare_runs(items: list[Item], client, experiment_id: str, out: Path, uri: str, threads: int) -> None:
-    """Create (SCHEDULED) or reopen the MLflow run of every item to launch, and its JobSpec."""
+PARENT_RUN_TAG = "mlflow.parentRunId"
+"""MLflow's own tag: the UI shows a run nested under the run it names (the sweep's parent run)."""
+
+
+def prepare_runs(items: list[Item], client, experiment_id: str, out: Path, uri: str, threads: int,
+                 parent_id: str = "") -> None:
+    """Create (SCHEDULED) or reopen the MLflow run of every item to launch, and its JobSpec; every run
+    created or resumed becomes a child of parent_id (when given)."""
     from orchestrator.tracking import create_run, git_commit, set_tags
 
     commit = git_commit(PROJECT_DIR)
+    nest = {PARENT_RUN_TAG: parent_id} if parent_id else {}
     for item in items:
         if item.action not in ("new", "resume"):
             continue
         job = item.job
         run_dir = str(out / job.run_key)
         owner = {"executor": job.run.cluster.kind, "job_host": socket.gethostname(), "pool_pid": str(os.getpid()),
-                 "job_id": "", "heartbeat": str(int(time.time()))}
+                 "job_id": "", "heartbeat": str(int(time.time())), **nest}
         if item.action == "new":
             item.run_id = create_run(client, experiment_id, job, run_dir, commit, config_yaml(job), owner)
         else:
@@ -357,10 +368,56 @@ def run_slurm(items: list[Item], executor, client, progress, detach: bool, poll_
 # --- the whole launch -------------------------------------------------------------------------------------
 
 
-def launch(configs: list[Any], overrides: list[list[str]], launch_dir: str | Path | None = None) -> list[dict]:
-    """Validate, plan, reconcile, submit and follow a batch; one outcome per input config."""
+def nest_ended(client, items: list[Item], existing: dict[str, Any], parent_id: str) -> None:
+    """Runs left alone (finished, or running elsewhere) made before the sweep had a parent join it too."""
+    from orchestrator.tracking import set_tags
+
+    for item in items:
+        run = existing.get(item.job.run_key)
+        if item.action in ("skip", "busy") and run is not None and run.data.tags.get(PARENT_RUN_TAG) != parent_id:
+            set_tags(client, item.run_id, {PARENT_RUN_TAG: parent_id})
+
+
+def report_command(run: RunConfig, uri: str, launch_dir: Path) -> str:
+    """The command that (re)builds the sweep's report, as the user would type it in launch_dir."""
+    default = uri == f"sqlite:///{launch_dir / 'mlflow.db'}"
+    return f"python -m analysis report --sweep {run.name}" + ("" if default else f" --tracking-uri {uri}")
+
+
+def report_sweep(items: list[Item], run: RunConfig, uri: str, launch_dir: Path) -> None:
+    """The sweep's report once every job ended; a report that cannot be built is a one-line note, never a
+    failure of the sweep (whose exit code says how its runs ended)."""
+    command = report_command(run, uri, launch_dir)
+    if run.study is not None:
+        print(f"report: `{command}` draws the study's figures and summary (also stored in its parent run)")
+        return
+    if run.detach or any(i.state in ("busy", "submitted", "queued") for i in items):
+        where = "detached" if run.detach else "some runs are running elsewhere"
+        print(f"report: {where}; once every run has ended, `{command}` writes reports/{run.name}/ and stores it "
+              "in the sweep's parent run")
+        return
+    from analysis.collect import AnalysisError
+    from analysis.report import build_report
+
+    try:
+        out = build_report(run.name, uri, out_dir=launch_dir / "reports")
+    except AnalysisError as error:
+        print(f"no report: {str(error).strip().splitlines()[0]}")
+        return
+    except Exception as error:  # a bug in the analysis must not fail a sweep whose runs finished
+        first = (str(error).strip().splitlines() or [""])[0]
+        print(f"no report ({type(error).__name__}: {first}); `{command}` shows the traceback")
+        return
+    print(f"report: {out / 'summary.md'} (its figures and summary are also in the sweep's parent run)")
+
+
+def launch(configs: list[Any], overrides: list[list[str]], launch_dir: str | Path | None = None,
+           multirun: bool = True) -> list[dict]:
+    """Validate, plan, reconcile, submit and follow a batch; one outcome per input config. multirun=False
+    (one run, without -m): no parent run, no report."""
+    from analysis.collect import sweep_parent
     from orchestrator.progress import Progress
-    from orchestrator.tracking import open_experiment, reap, runs_by_key, store_lock
+    from orchestrator.tracking import open_experiment, reap, runs_by_key, store_lock, ui_lines
 
     launch_dir = Path(launch_dir or os.getcwd()).resolve()
     jobs = plan_all(configs, overrides)
@@ -381,11 +438,14 @@ def launch(configs: list[Any], overrides: list[list[str]], launch_dir: str | Pat
     client, experiment_id = open_experiment(uri, first.name)
     items = [Item(job) for job in unique]
     with store_lock(uri):  # read, decide and claim as one step: an invocation of the same sweep started at the
+        parent_id = sweep_parent(client, experiment_id, first.name) if multirun else ""
         existing = runs_by_key(client, experiment_id)  # same moment waits here, then finds these runs claimed
         if reap(client, existing, first.tracking.stale_after_s):
             existing = runs_by_key(client, experiment_id)
         decide(items, existing)
-        prepare_runs(items, client, experiment_id, out, uri, threads)
+        prepare_runs(items, client, experiment_id, out, uri, threads, parent_id)
+        if parent_id:
+            nest_ended(client, items, existing, parent_id)
     print_plan(unique, [_action_text(i) for i in items], title=f"{first.name}: {uri}")
     for item in items:
         if item.action == "skip":
@@ -408,6 +468,10 @@ def launch(configs: list[Any], overrides: list[list[str]], launch_dir: str | Pat
             raise SystemExit(130) from None
     progress.close(detached=first.detach)
     LAST_OUTCOMES[:] = [_final_outcome(items[i]) for i in mapping]
+    if multirun:
+        report_sweep(items, first, uri, launch_dir)
+    for line in ui_lines(uri, experiment_id):
+        print(line)
     return list(LAST_OUTCOMES)
 
 

@@ -4,8 +4,10 @@
     python -m orchestrator.status --sweep lane_count --tracking-uri postgresql://mlflow@db/mlflow
     python -m orchestrator.status                  # the sweeps (experiments) of the store
 
-The step and loss come from the run's metrics.jsonl when its run folder is readable from here (the
-freshest view: MLflow receives rows at checkpoints), else from MLflow. A RUNNING run whose heartbeat
+The runs are those with a run key: the sweep's parent run (it holds the report) is not one of them.
+The last line is the URL of the sweep's runs table in MLflow's UI. The step and loss come from the
+run's metrics.jsonl when its run folder is readable from here (the freshest view: MLflow receives rows
+at checkpoints), else from MLflow. A RUNNING run whose heartbeat
 is stale and whose job is gone is marked KILLED first (re-running the sweep command resumes it).
 Exit code 2 when the store or the sweep does not exist.
 """
@@ -20,7 +22,7 @@ from typing import Any
 from orchestrator.config import ConfigError, TrackingConfig
 from orchestrator.progress import last_row
 from orchestrator.tracking import client as open_client
-from orchestrator.tracking import reap, resolve_uri, runs_by_key, sqlite_path
+from orchestrator.tracking import reap, resolve_uri, runs_by_key, sqlite_path, ui_lines
 
 
 def newest_checkpoint(run_dir: str) -> str:
@@ -84,6 +86,8 @@ def status(sweep: str | None, uri: str, stale_after_s: float) -> list[dict[str, 
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     show(rows, f"{sweep}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    for line in ui_lines(uri, experiment.experiment_id):
+        print(line)
     return rows
 
 

@@ -172,9 +172,12 @@ def store_lock(uri: str) -> Iterator[None]:
 
 def open_experiment(uri: str, name: str) -> tuple[Any, str]:
     """(client, experiment id): creates the store (schema migrations) and the experiment once, in the parent,
-    under store_lock so that parents starting at once on a fresh store do not race."""
+    under store_lock so that parents starting at once on a fresh store do not race. The experiment carries
+    EXPERIMENT_TAGS and the runs-table view (view_tag), added to an experiment made before they existed."""
     with store_lock(uri):
-        return _open_experiment(uri, name)
+        mlflow_client, experiment_id = _open_experiment(uri, name)
+        _tag_experiment(mlflow_client, experiment_id)
+        return mlflow_client, experiment_id
 
 
 def _open_experiment(uri: str, name: str) -> tuple[Any, str]:
@@ -187,9 +190,84 @@ def _open_experiment(uri: str, name: str) -> tuple[Any, str]:
     path = sqlite_path(uri)
     location = (path.parent / "mlartifacts" / name).as_uri() if path is not None else None
     try:
-        return mlflow_client, mlflow_client.create_experiment(name, artifact_location=location)
+        return mlflow_client, mlflow_client.create_experiment(name, artifact_location=location,
+                                                              tags=dict(EXPERIMENT_TAGS))
     except MlflowException:  # created meanwhile by another parent
         return mlflow_client, mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+# --- the MLflow UI: the sweep's runs table --------------------------------------------------------
+
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""Marks the experiment as model training, not GenAI (the UI reads it in some versions; 3.17.2 still opens
+the GenAI overview without ?workflowType=machine_learning, see runs_table_url)."""
+UI_BASE = "http://127.0.0.1:5000"
+"""Where `mlflow ui` listens by default (a SQL store has no UI of its own)."""
+VIEW_KEY = "tpb-runs-table"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+"""Experiment tag holding the runs-table view that runs_table_url opens: a saved view of MLflow 3.x's UI,
+loaded by the URL parameter viewStateShareKey=VIEW_KEY (and listed among the experiment's saved views)."""
+COLUMNS = ("tags.`recipe`", "params.`architecture.lane_count`", "params.`protocol.seed`", "params.`n_params`",
+           "params.`deviation`", "metrics.`eval_loss`", "metrics.`train_loss`")
+"""Columns of the runs table beside the run name (always shown): recipe, lane count, seed, parameter count,
+deviation from the budget, and the final losses (MLflow shows a metric's value at its last step)."""
+
+
+def view_state() -> dict[str, Any]:
+    """The runs table's state in MLflow's own keys (its UI state): our columns; in the chart view, every run
+    drawn (the UI's default draws the first 10) and the loss charts only (the charts' search box says
+    "loss": clear it for lr, grad_norm, tokens/s...). The sort stays the UI's default (newest first): sorted
+    by any other column, the UI stops nesting child runs under their parent."""
+    return {"selectedColumns": list(COLUMNS), "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True,
+            "chartsSearchFilter": "loss"}
+
+
+def view_tag_value(now_ms: int | None = None) -> str:
+    """The saved-view envelope MLflow's UI reads from VIEW_TAG: {name, createdAt, updatedAt, state (JSON)}."""
+    import json
+
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return json.dumps({"name": "TPB sweep: runs table", "createdAt": now_ms, "updatedAt": now_ms,
+                       "state": json.dumps(view_state(), sort_keys=True)})
+
+
+def _tag_experiment(mlflow_client, experiment_id: str) -> None:
+    """Add EXPERIMENT_TAGS and the runs-table view where missing or out of date (never rewritten needlessly)."""
+    import json
+
+    tags = mlflow_client.get_experiment(experiment_id).tags
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in tags:
+            mlflow_client.set_experiment_tag(experiment_id, key, value)
+    try:
+        current = json.loads(json.loads(tags[VIEW_TAG])["state"])
+    except (KeyError, TypeError, ValueError):
+        current = None
+    if current != view_state():
+        mlflow_client.set_experiment_tag(experiment_id, VIEW_TAG, view_tag_value())
+
+
+def ui_base(uri: str) -> str:
+    """Base URL of the MLflow UI of a tracking URI: a tracking server's own address, else `mlflow ui`'s."""
+    if uri.startswith(("http://", "https://")):
+        return uri.split("#", 1)[0].split("?", 1)[0].rstrip("/")
+    return UI_BASE
+
+
+def runs_table_url(base: str, experiment_id: str, charts: bool = False) -> str:
+    """The URL that opens an experiment's runs table (charts=True: its chart view comparing the runs' metrics)
+    with VIEW_TAG's columns. MLflow 3.17 opens an experiment in its GenAI overview (traces, latency) unless
+    the URL says workflowType=machine_learning."""
+    query = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}" + ("&compareRunsMode=CHART" if charts else "")
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def ui_lines(uri: str, experiment_id: str) -> list[str]:
+    """What to tell the user so that they see the sweep in MLflow's UI (the end of a sweep, orchestrator.status)."""
+    url = runs_table_url(ui_base(uri), experiment_id)
+    if uri.startswith(("http://", "https://")):
+        return [f"MLflow runs table: {url}"]
+    return [f"MLflow runs table: start `mlflow ui --backend-store-uri {uri}`, then open {url}"]
 
 
 def runs_by_key(mlflow_client, experiment_id: str) -> dict[str, Any]:
@@ -295,7 +373,10 @@ def run_params(job: Any) -> dict[str, str]:
     params = {**flatten("architecture", run.architecture), **flatten("protocol", run.protocol),
               **flatten("data", run.data)}
     params.update(budget=str(run.budget), n_params=str(job.params), syncs=str(job.syncs),
-                  lane_hidden=str(job.lane_hidden), token_scale=str(run.token_scale))
+                  lane_hidden=str(job.lane_hidden), token_scale=str(run.token_scale),
+                  budget_fit=run.budget_fit, tolerance=str(run.tolerance),
+                  budget_adjusted=",".join(job.adjusted) or "-", ffn=str(job.ffn), ffn_ratio=f"{job.ffn_ratio:.4f}",
+                  nominal_ffn_ratio=f"{job.nominal_ffn_ratio:g}", non_embedding_params=str(job.non_embedding_params))
     if job.deviation is not None:
         params["deviation"] = f"{job.deviation:.6f}"
     if job.decode_speedup is not None:

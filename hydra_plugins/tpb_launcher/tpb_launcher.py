@@ -3,7 +3,8 @@
 The launcher composes every job of a batch, then hands them all to orchestrator.launcher.launch, which
 validates and solves every job before anything is submitted or written, dedupes run keys, skips finished
 runs, resumes failed ones and runs the rest through submitit. The grid sweeper is Hydra's basic sweeper
-plus `hydra.sweeper.grids` (a union of products), and it writes nothing itself.
+plus `hydra.sweeper.grids` (a union of products) and `seeds=N` (every point over protocol.seed 0..N-1),
+and it writes nothing itself.
 
 Module-level imports stay light (Hydra imports every module under hydra_plugins) and no
 `from __future__ import annotations`: Hydra's plugin scan runs this module before it is in sys.modules.
@@ -50,6 +51,13 @@ class TpbLauncher(Launcher):
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         self.config, self.hydra_context = config, hydra_context
+        if config.get("seeds") and config.get("study") is not None:  # before a study's sweeper writes anything
+            from orchestrator.config import ConfigError
+
+            raise bad_input(ConfigError(
+                f"seeds={config.seeds}: an Optuna study (+study=...) chooses its own points and runs each once; "
+                "seeds= multiplies the points of a grid sweep (+sweep=NAME -m). Fix protocol.seed=K, or add "
+                "protocol.seed to study.space"))
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         from hydra.core.utils import JobReturn, JobStatus
@@ -89,10 +97,12 @@ class TpbGridSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from hydra.errors import HydraException
 
+        from orchestrator.config import ConfigError
         from orchestrator.grid import expand
 
         try:
-            batch = expand(self.hydra_context.config_loader, self.params, self.grids, arguments)
-        except HydraException as error:
+            batch = expand(self.hydra_context.config_loader, self.params, self.grids, arguments,
+                           seeds=int(self.config.get("seeds") or 0))
+        except (ConfigError, HydraException) as error:
             raise bad_input(error) from error
         return self.launcher.launch(batch, initial_job_idx=0)

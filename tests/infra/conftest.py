@@ -180,12 +180,14 @@ class Orchestrator:
         return f"sqlite:///{folder / 'mlflow.db'}"
 
     @staticmethod
-    def runs(uri: str, experiment: str) -> list:
+    def runs(uri: str, experiment: str, parent: bool = False) -> list:
+        """The experiment's runs; a sweep's parent run (tag sweep_parent, no run key) only with parent=True."""
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
-        return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+        found = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+        return [r for r in found if parent or r.data.tags.get("sweep_parent") != "true"]
 
     @staticmethod
     def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

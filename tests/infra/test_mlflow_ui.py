@@ -1,14 +1,23 @@
-"""The MLflow UI in a real browser: a tiny sweep through `python -m orchestrator`, then `mlflow ui` on
-127.0.0.1 against its store, opened in headless Chromium (the React app runs; --dump-dom gives the page it
-rendered). The sweep's experiment and its two runs are listed by name, and a run's page shows its name, status,
-sweep tag and train_loss with the value the sweep logged; a screenshot of that page (taken in the same page
-load as the DOM that is checked) is saved as test-artifacts/mlflow_ui.png."""
+"""The MLflow UI in a real browser: a tiny sweep through `python -m orchestrator -m`, then `mlflow ui` on
+127.0.0.1 against its store, opened in headless Chromium driven over the DevTools protocol (the React app runs,
+the test clicks and reads the text it rendered).
+
+- The URL the sweep prints (orchestrator.tracking.runs_table_url) opens the runs table, not MLflow 3's GenAI
+  overview: the sweep's parent run, its two runs nested under it once unfolded, and the columns the URL's
+  saved view picks (recipe, lane count, n_params, losses). Screenshot test-artifacts/mlflow_runs_table.png.
+- The same URL in chart mode compares train_loss across the runs: test-artifacts/mlflow_charts.png.
+- A run's page shows its name, status, parent run, sweep tag and train_loss with the value the sweep logged:
+  test-artifacts/mlflow_ui.png.
+"""
 
 from __future__ import annotations
 
-import html
+import base64
+import fcntl
+import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -16,12 +25,18 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from orchestrator.tracking import UI_BASE, runs_table_url
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 RUN_NAMES = ["burger-L2-d2-b1-c1-s0", "llama-H32-n2-s0"]
+PARENT = "ui_sweep (sweep)"
+GENAI_OVERVIEW = ("Latency", "Token Usage", "Tokens per Trace")
+"""Text of MLflow 3.17's GenAI overview page (what the experiment opens on without workflowType)."""
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
@@ -32,22 +47,22 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def swept(orch, tmp_path_factory) -> Path:
+def swept(orch, tmp_path_factory) -> SimpleNamespace:
     cwd = tmp_path_factory.mktemp("ui")
     done = orch.run(["-m", "name=ui_sweep", "architecture=llama,burger", "architecture.lane_count=2", *orch.TINY,
                      *orch.LOCAL], cwd)
     assert done.returncode == 0, done.stdout + done.stderr
-    return cwd
+    return SimpleNamespace(cwd=cwd, stdout=done.stdout)
 
 
 @pytest.fixture(scope="module")
 def mlflow_ui(swept):
     """`mlflow ui` on a free port of 127.0.0.1, once /health answers; yields its base URL."""
     port = free_port()
-    log = open(swept / "mlflow-ui.log", "w")  # noqa: SIM115 (the server's output, closed below)
+    log = open(swept.cwd / "mlflow-ui.log", "w")  # noqa: SIM115 (the server's output, closed below)
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                               f"sqlite:///{swept / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"], cwd=swept, stdout=log, stderr=subprocess.STDOUT,
+                               f"sqlite:///{swept.cwd / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], cwd=swept.cwd, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -60,7 +75,7 @@ def mlflow_ui(swept):
             except OSError:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow ui did not come up: {(swept / 'mlflow-ui.log').read_text()[-2000:]}")
+                pytest.fail(f"mlflow ui did not come up: {(swept.cwd / 'mlflow-ui.log').read_text()[-2000:]}")
             time.sleep(0.3)
         yield base
     finally:
@@ -69,43 +84,186 @@ def mlflow_ui(swept):
         log.close()
 
 
-def chromium_run(chromium: list[str], profile: Path, url: str, *flags: str, size: str = "1400,900"
-                 ) -> subprocess.CompletedProcess:
-    done = subprocess.run([*chromium, f"--user-data-dir={profile}", f"--window-size={size}",
-                           "--virtual-time-budget=15000", *flags, url], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done
+class Browser:
+    """Headless Chromium driven over --remote-debugging-pipe: DevTools protocol messages, JSON ended by a NUL
+    byte, written to the browser's fd 3 and read from its fd 4 (no websocket client needed)."""
+
+    def __init__(self, chromium: list[str], profile: Path, width: int = 1600, height: int = 1000) -> None:
+        to_browser, self.commands = os.pipe()
+        self.replies, from_browser = os.pipe()
+
+        def wire() -> None:  # in the child, before exec: the pipe ends at the fds Chromium reads and writes
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser, from_browser)]  # never clobbered
+            os.dup2(high[0], 3)  # dup2 makes 3 and 4 inheritable (os.pipe's own fds close at exec)
+            os.dup2(high[1], 4)
+
+        self.proc = subprocess.Popen([*chromium, f"--user-data-dir={profile}", "--remote-debugging-pipe",
+                                      f"--window-size={width},{height}", "about:blank"], preexec_fn=wire,
+                                     close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_browser)
+        os.close(from_browser)
+        self.buffer, self.last_id, self.session = b"", 0, None
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+    def call(self, method: str, timeout: float = 60, **params) -> dict:
+        self.last_id += 1
+        message = {"id": self.last_id, "method": method, "params": params}
+        if self.session and not method.startswith("Target."):
+            message["sessionId"] = self.session
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" not in self.buffer:
+                ready, _, _ = select.select([self.replies], [], [], max(0.0, deadline - time.monotonic()))
+                chunk = os.read(self.replies, 1 << 20) if ready else b""
+                assert chunk, f"chromium: no answer to {method} (ready={bool(ready)}, exit={self.proc.poll()})"
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\0", 1)
+            reply = json.loads(line)
+            if reply.get("id") == self.last_id:
+                assert "error" not in reply, f"{method}: {reply['error']}"
+                return reply["result"]
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, f"{expression}: {result['exceptionDetails']}"
+        return result["result"].get("value")
+
+    def open(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+
+    def text(self) -> str:
+        return " ".join((self.evaluate("document.body ? document.body.innerText : ''") or "").split())
+
+    def wait_for_text(self, *needles: str, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text()
+            if all(n in text for n in needles):
+                return text
+            assert time.monotonic() < deadline, f"page never showed {needles}: {text[:3000]}"
+            time.sleep(0.5)
+
+    def wait_for(self, expression: str, what: str, timeout: float = 60):
+        """Poll a JavaScript expression until it is truthy; its value."""
+        deadline = time.monotonic() + timeout
+        while not (value := self.evaluate(expression)):
+            assert time.monotonic() < deadline, f"never {what}: {self.text()[:3000]}"
+            time.sleep(0.5)
+        return value
+
+    def click(self, selector: str) -> bool:
+        found = f"document.querySelector({json.dumps(selector)})"
+        return bool(self.evaluate(f"(() => {{ const e = {found}; if (!e) return false; e.click(); return true; }})()"))
+
+    def screenshot(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=10)
+        except (AssertionError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # the browser this test started, by its pid
+            self.proc.wait(timeout=10)
+        os.close(self.commands)
+        os.close(self.replies)
 
 
-def visible_text(dom: str) -> str:
-    """The text a reader sees: scripts and styles dropped, tags removed, whitespace folded."""
-    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
-    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
+@pytest.fixture()
+def browser(chromium, tmp_path):
+    driven = Browser(chromium, tmp_path / "profile")
+    yield driven
+    driven.close()
 
 
-def test_mlflow_ui_shows_the_sweep_its_runs_and_their_loss(orch, swept, mlflow_ui, chromium, tmp_path):
-    uri = orch.sqlite_uri(swept)
-    runs = {r.info.run_name: r for r in orch.runs(uri, "ui_sweep")}
-    assert sorted(runs) == RUN_NAMES
-    experiment_id = runs[RUN_NAMES[0]].info.experiment_id
-
-    listed = visible_text(chromium_run(chromium, tmp_path / "p1", f"{mlflow_ui}/#/experiments/{experiment_id}/runs",
-                                       "--dump-dom").stdout)
-    assert "Training runs" in listed and "ui_sweep" in listed, listed[:2000]
-    assert all(name in listed for name in RUN_NAMES), listed[:2000]
-    assert "2 matching runs" in listed
-
-    # the run's page, screenshot and DOM from the same page load: what the picture shows is what is asserted
-    llama = runs["llama-H32-n2-s0"]
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "mlflow_ui.png"
-    shot.unlink(missing_ok=True)
-    page = visible_text(chromium_run(chromium, tmp_path / "p2",
-                                     f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{llama.info.run_id}",
-                                     f"--screenshot={shot}", "--dump-dom", size="1400,1000").stdout)
-    loss = orch.history(uri, llama.info.run_id, "train_loss")[-1][1]
-    assert f"train_loss {loss!r}" in page, page[:3000]  # the metrics table: name, then the logged value
-    assert "llama-H32-n2-s0" in page and "Finished" in page and "sweep : ui_sweep" in page
-    header = shot.read_bytes()[:24]
+def png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")) == (1400, 1000)
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+UNFOLD = 'button[data-component-id*="runnamecellrenderer"]'
+"""The +/- button before a parent run's name in the runs table and the charts' run list."""
+
+
+TIDY = ('button[data-component-id="mlflow.assistant.chat_panel.close"]',
+        'button[data-component-id="mlflow.experiment_page.shared_view.dismiss"]')
+"""The assistant's side panel and the "You're viewing a shared view" notice: closed before the pictures."""
+
+
+def unfold_parent(browser: Browser) -> str:
+    """Click the parent's + so that its runs show; the page text once they do."""
+    browser.wait_for_text(PARENT)
+    for selector in TIDY:
+        browser.click(selector)
+    deadline = time.monotonic() + 60
+    while True:
+        text = browser.text()
+        if all(name in text for name in RUN_NAMES):
+            return text
+        assert time.monotonic() < deadline, f"{PARENT} never unfolded: {text[:3000]}"
+        if browser.click(UNFOLD):  # the row renders in steps: a click can come before the button works
+            waited = time.monotonic() + 5
+            while time.monotonic() < waited and not all(name in browser.text() for name in RUN_NAMES):
+                time.sleep(0.3)
+        else:
+            time.sleep(0.5)
+
+
+def test_printed_url_opens_the_runs_table_with_nested_runs_and_their_charts(orch, swept, mlflow_ui, browser):
+    uri = orch.sqlite_uri(swept.cwd)
+    runs = {r.info.run_name: r for r in orch.runs(uri, "ui_sweep", parent=True)}
+    assert sorted(runs) == sorted([*RUN_NAMES, PARENT])
+    parent_id = runs[PARENT].info.run_id
+    assert all(runs[name].data.tags["mlflow.parentRunId"] == parent_id for name in RUN_NAMES)
+    experiment_id = runs[PARENT].info.experiment_id
+    printed = re.findall(r"http://\S+", swept.stdout.splitlines()[-1])
+    assert printed == [runs_table_url(UI_BASE, experiment_id)], swept.stdout[-1000:]
+    assert f"mlflow ui --backend-store-uri {uri}" in swept.stdout.splitlines()[-1]
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    browser.open(runs_table_url(mlflow_ui, experiment_id))
+    table = unfold_parent(browser)
+    for column in ("recipe", "architecture.lane_count", "n_params", "train_loss", "eval_loss"):  # the view's columns
+        assert column in table, table[:3000]
+    assert "3 matching runs" in table and "burger" in table and "llama" in table
+    assert not any(word in table for word in GENAI_OVERVIEW), table[:3000]
+    shot = ARTIFACTS / "mlflow_runs_table.png"
+    browser.screenshot(shot)
+    assert png_size(shot) == (1600, 1000)
+
+    browser.open(runs_table_url(mlflow_ui, experiment_id, charts=True))
+    unfold_parent(browser)
+    charts = browser.wait_for_text("train_loss", "eval_loss", *(f"{name} (train_loss)" for name in RUN_NAMES))
+    assert not any(word in charts for word in GENAI_OVERVIEW), charts[:3000]
+    assert "grad_norm" not in charts  # the view's chart search: the loss charts only
+    browser.wait_for("document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= 4",
+                     "drew the two runs' lines in the train_loss and eval_loss charts")
+    time.sleep(2)  # let the line charts settle before the picture
+    shot = ARTIFACTS / "mlflow_charts.png"
+    browser.screenshot(shot)
+    assert png_size(shot) == (1600, 1000)
+
+
+def test_a_run_page_shows_its_name_status_sweep_and_loss(orch, swept, mlflow_ui, browser):
+    uri = orch.sqlite_uri(swept.cwd)
+    llama = next(r for r in orch.runs(uri, "ui_sweep") if r.info.run_name == "llama-H32-n2-s0")
+    browser.open(f"{mlflow_ui}/#/experiments/{llama.info.experiment_id}/runs/{llama.info.run_id}"
+                 "?workflowType=machine_learning")
+    loss = orch.history(uri, llama.info.run_id, "train_loss")[-1][1]
+    page = browser.wait_for_text("llama-H32-n2-s0", "train_loss", "Finished", PARENT)  # "Parent run": the sweep's
+    for selector in TIDY:
+        browser.click(selector)
+    time.sleep(1)
+    assert f"train_loss {loss!r}" in page or f"train_loss\t{loss!r}" in page, page[:3000]
+    assert "ui_sweep" in page
+    shot = ARTIFACTS / "mlflow_ui.png"
+    browser.screenshot(shot)
+    assert png_size(shot) == (1600, 1000)

@@ -94,6 +94,7 @@ def test_supercomputer_example_is_multi_node(compose):
 
 
 @pytest.mark.parametrize("override,field", [
+    ("seeds=-1", "seeds=-1"),
     ("protocol.schedule=bogus", "protocol.schedule"),
     ("cluster.kind=k8s", "cluster.kind"),
     ("name=bad/name", "name="),
@@ -123,3 +124,72 @@ def test_cluster_and_tracking_checks():
         ClusterConfig(kind="local", nodes=2)
     with pytest.raises(ValueError, match="heartbeat_s"):
         TrackingConfig(heartbeat_s=60, stale_after_s=30)
+
+
+# --- seeds=N: the tpb_grid sweeper's job list, from the real composition -------------------------------
+
+
+class Recorder:
+    """Stands in for the launcher: keeps the batch the sweeper hands over."""
+
+    def launch(self, job_overrides, initial_job_idx):
+        return [list(o) for o in job_overrides]
+
+
+def sweeper_batch(compose, arguments: list[str]) -> list[list[str]]:
+    """The job overrides TpbGridSweeper.sweep hands to the launcher for this command line (as `-m` would)."""
+    from types import SimpleNamespace
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from hydra_plugins.tpb_launcher.tpb_launcher import TpbGridSweeper
+
+    cfg = compose("config", overrides=arguments, return_hydra_config=True)
+    sweeper = TpbGridSweeper(params=cfg.hydra.sweeper.get("params"), grids=cfg.hydra.sweeper.get("grids"))
+    sweeper.config = cfg
+    sweeper.hydra_context = SimpleNamespace(config_loader=GlobalHydra.instance().config_loader())
+    sweeper.launcher = Recorder()
+    return sweeper.sweep(arguments)
+
+
+def seeds_of(batch: list[list[str]]) -> list[int]:
+    return [int(o.split("=", 1)[1]) for job in batch for o in job if o.startswith("protocol.seed=")]
+
+
+def point(job: list[str]) -> tuple[str, ...]:
+    return tuple(o for o in job if not o.startswith("protocol.seed="))
+
+
+def test_seeds_runs_every_point_of_a_grid_over_n_seeds(compose):
+    plain = sweeper_batch(compose, ["+sweep=lane_count"])
+    batch = sweeper_batch(compose, ["+sweep=lane_count", "seeds=3"])
+    assert len(plain) == 15 and len(batch) == 45 == 3 * len(plain)
+    assert seeds_of(batch) == [0] * 15 + [1] * 15 + [2] * 15  # every point of seed 0 first
+    assert [point(job) for job in batch] == [(*job, "seeds=3") for job in plain] * 3
+    runs = [to_run_config(compose("config", overrides=job)) for job in (batch[0], batch[16], batch[44])]
+    default = to_run_config(compose("config"))
+    assert [r.protocol.seed for r in runs] == [0, 1, 2]
+    assert all(r.data == default.data for r in runs)  # the data order (data.seed...) never changes with seeds
+    assert {r.seeds for r in runs} == {3}
+
+
+def test_sweeps_keep_their_own_seeds_unless_seeds_is_given(compose):
+    variance = sweeper_batch(compose, ["+sweep=variance"])
+    assert len(variance) == 30 and sorted(set(seeds_of(variance))) == list(range(10))
+    replaced = sweeper_batch(compose, ["+sweep=variance", "seeds=3"])
+    assert len(replaced) == 12  # (burger, llama) x (cosine, wsd), each over seeds 0, 1, 2
+    assert sorted(seeds_of(replaced)) == [0] * 4 + [1] * 4 + [2] * 4
+    assert all(sum(o.startswith("protocol.seed=") for o in job) == 1 for job in replaced)
+    sizes = sweeper_batch(compose, ["+sweep=dataset_size"])
+    assert len(sizes) == 14 and seeds_of(sizes) == [1] * 4  # the 4x and 6x repeats
+    resized = sweeper_batch(compose, ["+sweep=dataset_size", "seeds=2"])
+    assert len(resized) == 20 and sorted(seeds_of(resized)) == [0] * 10 + [1] * 10  # 10 points x 2 seeds
+
+
+def test_seeds_takes_one_number(compose):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from orchestrator.grid import expand
+
+    with pytest.raises(ConfigError, match="seeds takes one number"):
+        expand(GlobalHydra.instance().config_loader(), None, None, ["seeds=1,2"])

@@ -45,10 +45,24 @@ def submissions(folder: Path) -> int:
     return len(list(folder.glob("runs/*/.submitit/*_submitted.pkl")))
 
 
+def parent_and_children(folder: Path, sweep: str) -> tuple[object, list]:
+    """The sweep's one parent run (tag sweep_parent) and its other runs, each nested under it."""
+    found = runs(folder, sweep)
+    (parent,) = [r for r in found if r.data.tags.get("sweep_parent") == "true"]
+    children = [r for r in found if r is not parent]
+    assert parent.info.run_name == f"{sweep} (sweep)" and "run_key" not in parent.data.tags
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    return parent, children
+
+
 def test_sweep_finishes_every_run_and_a_rerun_launches_nothing(tmp_path, cache):
     first = run_cli(SWEEP, tmp_path, cache)
     assert first.returncode == 0, first.stdout + first.stderr
-    done = runs(tmp_path, "e2e")
+    parent, done = parent_and_children(tmp_path, "e2e")
+    assert (tmp_path / "reports" / "e2e" / "summary.md").is_file()  # the report, at the end of the sweep
+    assert f"report: {tmp_path / 'reports' / 'e2e' / 'summary.md'}" in first.stdout
+    url = f"#/experiments/{parent.info.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=tpb-runs-table"
+    assert first.stdout.strip().splitlines()[-1].endswith(url)
     # llama x lane_count 2, 4 is one run key: 3 runs, not 4
     assert sorted(r.info.run_name for r in done) == ["burger-L2-d2-b1-c1-s0", "burger-L4-d2-b1-c1-s0",
                                                     "llama-H32-n2-s0"]
@@ -72,9 +86,12 @@ def test_sweep_finishes_every_run_and_a_rerun_launches_nothing(tmp_path, cache):
     again = run_cli(SWEEP, tmp_path, cache)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("skipped (finished)") >= 3
-    assert submissions(tmp_path) == submitted and len(runs(tmp_path, "e2e")) == 3
+    assert submissions(tmp_path) == submitted
+    again_parent, again_done = parent_and_children(tmp_path, "e2e")  # the same parent, no new run
+    assert again_parent.info.run_id == parent.info.run_id and len(again_done) == 3
 
     reader = ("import json, mlflow; mlflow.set_tracking_uri(%r); df = mlflow.search_runs(experiment_names=['e2e']);"
+              "df = df[df['tags.run_key'].notna()];"
               "print(json.dumps(sorted(zip(df['tags.mlflow.runName'], df['status'], df['metrics.train_loss']))))")
     out = subprocess.run([sys.executable, "-c", reader % uri(tmp_path)], capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout.strip().splitlines()[-1])
@@ -87,18 +104,23 @@ def test_sweep_finishes_every_run_and_a_rerun_launches_nothing(tmp_path, cache):
                             env=env(cache), capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     assert status.stdout.count("FINISHED") >= 3 and status.stdout.count("6/6") == 3
+    assert "e2e (sweep)" not in status.stdout and "3 FINISHED" in status.stdout
+    assert status.stdout.strip().splitlines()[-1] == first.stdout.strip().splitlines()[-1]  # the runs table's URL
 
 
 def test_detached_sweep_returns_at_once_and_finishes_in_the_background(tmp_path, cache):
     out = run_cli(["-m", "name=bg", "detach=true", "architecture=llama,burger", *TINY], tmp_path, cache)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "detached: a background pool" in out.stdout
+    assert "`python -m analysis report --sweep bg` writes reports/bg/" in out.stdout  # no report yet: the hint
+    assert not (tmp_path / "reports").exists()
     assert {r.info.status for r in runs(tmp_path, "bg")} <= {"SCHEDULED", "RUNNING", "FINISHED"}
     deadline = time.time() + 240
     while {r.info.status for r in runs(tmp_path, "bg")} != {"FINISHED"}:
         assert time.time() < deadline, [r.info.status for r in runs(tmp_path, "bg")]
         time.sleep(1)
-    assert len(runs(tmp_path, "bg")) == 2
+    _, children = parent_and_children(tmp_path, "bg")
+    assert len(children) == 2
 
 
 LONG = [*TINY, "protocol.steps=40", "protocol.ckpt_every=10", "protocol.eval_every=10",
@@ -223,7 +245,7 @@ def test_two_invocations_of_one_sweep_at_once_train_each_run_once(tmp_path, cach
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    done = runs(tmp_path, "twice")
+    _, done = parent_and_children(tmp_path, "twice")  # one parent although both created it at once
     keys = [r.data.tags["run_key"] for r in done]
     assert len(keys) == len(set(keys)) == 3, outputs
     assert {r.info.status for r in done} == {"FINISHED"}

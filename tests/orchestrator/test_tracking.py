@@ -15,6 +15,9 @@ import pytest
 
 from orchestrator.config import ConfigError
 from orchestrator.tracking import (
+    UI_BASE,
+    VIEW_KEY,
+    VIEW_TAG,
     MlflowLogger,
     check_store,
     check_writable,
@@ -22,6 +25,9 @@ from orchestrator.tracking import (
     reap,
     resolve_uri,
     runs_by_key,
+    runs_table_url,
+    ui_lines,
+    view_state,
 )
 
 
@@ -199,3 +205,77 @@ def test_signal_witness_sees_signals_whatever_handler_runs():
         signal.signal(signal.SIGUSR2, previous)
     assert witness.received == {signal.SIGUSR2}
 
+
+
+# --- the sweep in MLflow's UI: experiment tags, the runs-table URL, the parent run ------------------------
+
+
+def test_experiments_open_on_the_runs_table_view(store):
+    uri, client, experiment = store
+    tags = client.get_experiment(experiment).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    saved = json.loads(tags[VIEW_TAG])  # MLflow's saved-view envelope, its state a JSON string
+    assert saved["name"] and isinstance(saved["createdAt"], int) and json.loads(saved["state"]) == view_state()
+    assert view_state()["selectedColumns"] == [
+        "tags.`recipe`", "params.`architecture.lane_count`", "params.`protocol.seed`", "params.`n_params`",
+        "params.`deviation`", "metrics.`eval_loss`", "metrics.`train_loss`"]
+    assert "orderByKey" not in view_state()  # sorted by anything but start time, the UI stops nesting runs
+    open_experiment(uri, "unit")
+    assert client.get_experiment(experiment).tags[VIEW_TAG] == tags[VIEW_TAG]  # not rewritten needlessly
+    older = client.create_experiment("made_before")  # an experiment from before the tags: they are added
+    open_experiment(uri, "made_before")
+    assert {"mlflow.experimentKind", VIEW_TAG} <= set(client.get_experiment(older).tags)
+
+
+def test_runs_table_url_for_each_kind_of_store():
+    url = runs_table_url(UI_BASE, "7")
+    query = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+    assert url == f"http://127.0.0.1:5000/#/experiments/7/runs?{query}"
+    assert runs_table_url("http://h:1", "7", charts=True).endswith("&compareRunsMode=CHART")
+    (line,) = ui_lines("sqlite:////x/mlflow.db", "7")
+    assert f"mlflow ui --backend-store-uri sqlite:////x/mlflow.db`, then open {url}" in line
+    assert ui_lines("postgresql://u@db/m", "7") == [f"MLflow runs table: start `mlflow ui --backend-store-uri "
+                                                    f"postgresql://u@db/m`, then open {url}"]
+    assert ui_lines("https://mlflow.example.org/", "7") == [
+        f"MLflow runs table: {runs_table_url('https://mlflow.example.org', '7')}"]
+
+
+def test_status_lists_the_runs_not_the_parent_and_prints_the_url(store, capsys):
+    from analysis.collect import sweep_parent
+    from orchestrator.status import status
+
+    uri, client, experiment = store
+    parent = sweep_parent(client, experiment, "unit")
+    assert sweep_parent(client, experiment, "unit") == parent  # found, not made twice
+    child = client.create_run(experiment, run_name="llama-H32-n2-s0",
+                              tags={"run_key": "k1", "heartbeat": str(int(time.time())),
+                                    "mlflow.parentRunId": parent}).info.run_id
+    client.set_terminated(child, "FINISHED")
+    assert list(runs_by_key(client, experiment)) == ["k1"]  # skip / resume never see the parent
+    rows = status("unit", uri, stale_after_s=120)
+    assert [r["run"] for r in rows] == ["llama-H32-n2-s0"]
+    out = capsys.readouterr().out
+    assert "unit (sweep)" not in out and "1 FINISHED" in out
+    assert out.strip().splitlines()[-1] == ui_lines(uri, experiment)[0]
+
+
+def test_a_report_that_cannot_be_built_is_a_note_not_a_failure(store, tmp_path, capsys, monkeypatch):
+    from orchestrator.config import RunConfig
+    from orchestrator.launcher import report_sweep
+
+    uri, client, experiment = store
+    failed = client.create_run(experiment, tags={"run_key": "k"}).info.run_id
+    client.set_terminated(failed, "FAILED")
+    report_sweep([], RunConfig(name="unit"), uri, tmp_path)
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith("no report: ") and "no finished run" in line
+    assert not (tmp_path / "reports").exists()
+
+    import analysis.report
+
+    monkeypatch.setattr(analysis.report, "build_report", lambda *a, **k: 1 / 0)
+    report_sweep([], RunConfig(name="unit"), uri, tmp_path)
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith("no report (ZeroDivisionError") and "python -m analysis report --sweep unit" in line
+    report_sweep([], RunConfig(name="unit", detach=True), uri, tmp_path)
+    assert "detached" in capsys.readouterr().out
