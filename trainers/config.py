@@ -33,7 +33,14 @@ class DataConfig:
     vocab_size: int = 4096
     """Vocabulary of the trained BPE tokenizer (a pretrained tokenizer brings its own)."""
     test_tokens: int = 65536
-    """Tokens held out (from the end of the corpus) for the eval loss."""
+    """Tokens held out for the eval loss: whole documents drawn at random (fixed by seed) until at least
+    this many tokens are held out."""
+    seed: int = 0
+    """Fixes the data order: the document shuffle before packing, the held-out documents and the order
+    in which the train windows are served. Independent of protocol.seed (which changes only the init)."""
+    reshuffle: bool = False
+    """Re-permute the train windows each epoch (epoch e uses a permutation seeded from (seed, e));
+    false: every epoch serves the same permutation."""
     cache_dir: str = ""
     """Where tokenized, packed arrays are cached ('' = $TPB_CACHE or ~/.cache/tpb-sweeps)."""
 
@@ -51,6 +58,10 @@ class DataConfig:
         for name in ("max_docs", "max_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name}={getattr(self, name)}: must be >= 0 (0 = all)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"data.seed={self.seed!r}: must be an integer >= 0")
+        if not isinstance(self.reshuffle, bool):
+            raise ValueError(f"data.reshuffle={self.reshuffle!r}: allowed: true, false")
 
 
 @dataclass

@@ -3,13 +3,20 @@
     prepared = prepare_data(DataConfig(), context=128)
     prepared.train, prepared.test     # 1-D np.memmap (uint16 if vocab < 65536 else uint32)
 
-Documents are concatenated in corpus order, each followed by the end-of-text id; the LAST
-data.test_tokens tokens are the test split, everything before is the train split. There is no
-shuffling anywhere: every run of a sweep sees the same tokens in the same order.
+Every document is tokenized and followed by the end-of-text id. The documents are then shuffled
+by a permutation seeded from data.seed (numpy PCG64): the first documents of that permutation,
+whole, are the test split (drawn until it holds at least data.test_tokens tokens), the others are
+the train split, packed in the permuted order. The test split is therefore a fixed random sample of
+documents, not the corpus tail, and the same for every run with the same data.seed.
+(trainers.loader then serves the train windows in a second seeded permutation, so that a batch
+mixes the whole corpus.)
+
+The build streams: documents are tokenized batch by batch to a raw file while their lengths are
+recorded, then each split is gathered from that file in permuted order (index arrays, in chunks).
 
 Cache, under DataConfig.cache_dir, else $TPB_CACHE, else ~/.cache/tpb-sweeps:
 
-    tokenizers/bpe<vocab>-<corpus fp>/tokenizer.json      trained BPE, shared by all contexts
+    tokenizers/bpe<vocab>-<corpus fp>/tokenizer.json      trained BPE, shared by all contexts and seeds
     data/<name>-<fp>/{train.npy, test.npy, tokenizer.json?, meta.json}
 
 A folder is built in a temporary folder next to its target and renamed into place (atomic), under
@@ -43,13 +50,15 @@ from tqdm import tqdm
 from trainers.config import DataConfig
 from trainers.tokenizer import TextTokenizer, bpe_tokenizer, pretrained_spec, pretrained_tokenizer, train_bpe
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bump when the layout or the content of a cache folder changes: old folders are then ignored."""
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 """Folders of the standard library left out of the corpus: installed packages and test suites."""
 FILE_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 """Extension -> `datasets` packaged loader. A .txt file is one document."""
 BATCH_DOCS = 512
+GATHER_TOKENS = 1 << 22
+"""Tokens copied per chunk when a split is gathered from the raw file (bounds the index arrays' memory)."""
 
 
 @dataclass
@@ -57,7 +66,8 @@ class Prepared:
     train: np.ndarray
     """1-D memmap of token ids, the train split."""
     test: np.ndarray
-    """1-D memmap of token ids, the last data.test_tokens tokens of the corpus."""
+    """1-D memmap of token ids, the held-out split: whole documents drawn at random (data.seed), at least
+    data.test_tokens tokens."""
     vocab_size: int
     fingerprint: str
     path: Path
@@ -338,16 +348,49 @@ def check_sizes(n_train: int, n_test: int, context: int) -> None:
                          f"{need}; use a larger corpus, a smaller data.test_tokens or a smaller protocol.context")
 
 
-def _tokenize_to(path: Path, ds, tok: TextTokenizer, dtype: np.dtype, progress: bool) -> tuple[int, int]:
-    """Write the packed corpus as raw ids to `path`; return (tokens, documents)."""
-    n_tokens = n_docs = 0
+def _tokenize_to(path: Path, ds, tok: TextTokenizer, dtype: np.dtype, progress: bool) -> np.ndarray:
+    """Write the packed corpus (corpus order) as raw ids to `path`; return each document's length in
+    tokens, its end-of-text id included."""
+    lengths = []
     with open(path, "wb") as out, tqdm(total=len(ds), desc="tokenize", unit="doc", disable=not progress) as bar:
         for texts in _batches(ds):
-            packed = _pack(tok.encode_batch(texts), tok.eos_id, dtype)
-            out.write(packed.tobytes())
-            n_tokens, n_docs = n_tokens + len(packed), n_docs + len(texts)
+            ids = tok.encode_batch(texts)
+            out.write(_pack(ids, tok.eos_id, dtype).tobytes())
+            lengths.append(np.array([len(d) + 1 for d in ids], dtype=np.int64))
             bar.update(min(BATCH_DOCS, bar.total - bar.n))
-    return n_tokens, n_docs
+    return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+
+
+def split_documents(lengths: np.ndarray, test_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) document indices, each in the order they are packed.
+
+    A permutation of the documents seeded from `seed` (PCG64); its first documents, up to and
+    including the one that brings the held-out total to >= test_tokens, are the test split.
+    """
+    order = np.random.Generator(np.random.PCG64(seed)).permutation(len(lengths))
+    n_test = int(np.searchsorted(np.cumsum(lengths[order]), test_tokens)) + 1
+    return order[n_test:], order[:n_test]
+
+
+def _gather(raw: np.ndarray, starts: np.ndarray, lengths: np.ndarray, docs: np.ndarray, path: Path) -> int:
+    """Write documents `docs` of `raw` (document i = raw[starts[i] : starts[i] + lengths[i]]), in that
+    order, to the .npy file `path`; copies about GATHER_TOKENS tokens per chunk. Returns the tokens written."""
+    sizes = lengths[docs]
+    total = int(sizes.sum())
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=raw.dtype, shape=(total,))
+    ends = np.cumsum(sizes)
+    first, written = 0, 0
+    while first < len(docs):
+        last = max(first + 1, int(np.searchsorted(ends, written + GATHER_TOKENS, side="right")))
+        chunk, n = docs[first:last], int(ends[last - 1]) - written
+        # token j of the chunk comes from raw[start of its document + offset within it]
+        index = np.repeat(starts[chunk] - (ends[first:last] - sizes[first:last]), sizes[first:last])
+        index += np.arange(written, written + n)
+        out[written: written + n] = raw[index]
+        first, written = last, written + n
+    out.flush()
+    del out
+    return total
 
 
 def _build(cfg: DataConfig, context: int, desc: dict, tmp: Path, progress: bool) -> None:
@@ -355,25 +398,30 @@ def _build(cfg: DataConfig, context: int, desc: dict, tmp: Path, progress: bool)
     ds = load_corpus(cfg, tmp / "hf", progress)
     tok, tok_file = _get_tokenizer(cfg, desc["corpus_fp"], ds, progress)
     dtype = np.dtype(np.uint16 if tok.vocab_size < 2**16 else np.uint32)
-    raw = tmp / "tokens.bin"
-    total, n_docs = _tokenize_to(raw, ds, tok, dtype, progress)
+    raw_path = tmp / "tokens.bin"
+    lengths = _tokenize_to(raw_path, ds, tok, dtype, progress)
     del ds
     shutil.rmtree(tmp / "hf", ignore_errors=True)
-    n_test = cfg.test_tokens
-    check_sizes(total - n_test, n_test, context)
-    tokens = np.memmap(raw, dtype=dtype, mode="r", shape=(total,))
-    for name, part in (("train", tokens[: total - n_test]), ("test", tokens[total - n_test:])):
-        out = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=part.shape)
-        out[:] = part
-        out.flush()
-        del out
-    del tokens
-    raw.unlink()
+    total = int(lengths.sum())
+    check_sizes(total - cfg.test_tokens, cfg.test_tokens, context)
+    train_docs, test_docs = split_documents(lengths, cfg.test_tokens, cfg.seed)
+    starts = np.cumsum(lengths) - lengths
+    raw = np.memmap(raw_path, dtype=dtype, mode="r", shape=(total,))
+    n_train = _gather(raw, starts, lengths, train_docs, tmp / "train.npy")
+    n_test = _gather(raw, starts, lengths, test_docs, tmp / "test.npy")
+    del raw
+    raw_path.unlink()
+    if n_train < context + 1:  # whole documents: the test split may hold more than asked
+        raise ValueError(f"data.test_tokens={cfg.test_tokens}: the test split is whole documents; holding out "
+                         f"{len(test_docs)} of the {len(lengths)} documents ({n_test} tokens) leaves the train "
+                         f"split {n_train} tokens, fewer than protocol.context + 1 = {context + 1}; use a corpus "
+                         "of more documents or a smaller data.test_tokens")
     if tok_file is not None:
         shutil.copyfile(tok_file, tmp / "tokenizer.json")
     meta = {"fingerprint": desc["fingerprint"], "description": desc, "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id, "dtype": dtype.name, "train_tokens": total - n_test, "test_tokens": n_test,
-            "documents": n_docs, "build_s": round(time.perf_counter() - start, 3)}
+            "eos_id": tok.eos_id, "dtype": dtype.name, "seed": cfg.seed, "train_tokens": n_train,
+            "test_tokens": n_test, "documents": len(lengths), "train_documents": len(train_docs),
+            "test_documents": len(test_docs), "build_s": round(time.perf_counter() - start, 3)}
     with open(tmp / "meta.json", "w") as handle:  # written last; durable before the rename
         handle.write(json.dumps(meta, indent=1))
         handle.flush()
@@ -386,7 +434,8 @@ def prepare_data(cfg: DataConfig, context: int, progress: bool = True) -> Prepar
     corpus = corpus_description(cfg)
     corpus_fp = _sha256(corpus)
     desc = {"format": FORMAT_VERSION, "corpus": corpus, "corpus_fp": corpus_fp,
-            "tokenizer": tokenizer_spec(cfg, corpus_fp), "test_tokens": cfg.test_tokens, "context": context}
+            "tokenizer": tokenizer_spec(cfg, corpus_fp), "test_tokens": cfg.test_tokens, "seed": cfg.seed,
+            "context": context}
     fingerprint = _sha256(desc)
     desc["fingerprint"] = fingerprint
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.name) or "data"

@@ -1,14 +1,21 @@
-"""Deterministic micro-batches from a flat array of token ids; no shuffling, a resumable cursor.
+"""Deterministic micro-batches from a flat array of token ids: a seeded, fixed window order and a
+resumable cursor.
 
-Sequence k of the stream is tokens[k*context : k*context + context + 1]: x is its first `context`
-tokens, y the same shifted by one. Consecutive sequences share one token (the last target of k is
+Window k of the split is tokens[k*context : k*context + context + 1]: x is its first `context`
+tokens, y the same shifted by one. Consecutive windows share one token (the last target of k is
 the first input of k+1), so every token is a target exactly once per epoch.
 
-Global order is sequence 0, 1, 2, ... One global micro-step takes the next world_size * micro_batch
-sequences; rank r gets sequences [r*micro_batch, (r+1)*micro_batch) of them. One process with
-micro-batch 2M therefore sees exactly the sequences that two processes with M see together.
-The cursor counts global sequences consumed; a global micro-step that would run past the end
-starts over at sequence 0 instead (the tail is skipped, the epoch counter increases).
+The windows are served in a permutation of 0 .. n_windows-1 seeded from `seed` (numpy PCG64), so
+that a micro-batch gathers windows from all over the corpus. Every run with the same seed sees the
+same order (protocol.seed changes only the init; trainers.loop passes data.seed here). Epoch e uses
+the permutation seeded from (seed, e) when `reshuffle` is on, and the epoch-0 permutation otherwise.
+
+Global order is perm[0], perm[1], ... One global micro-step takes the next world_size * micro_batch
+entries; rank r gets entries [r*micro_batch, (r+1)*micro_batch) of them. One process with
+micro-batch 2M therefore sees exactly the windows that two processes with M see together.
+The cursor counts global entries consumed in the epoch; a global micro-step that would run past the
+end starts the next epoch instead (the last n_windows % (world_size * micro_batch) entries of the
+permutation are skipped, the epoch counter increases). (cursor, epoch) is the whole resume state.
 """
 
 from __future__ import annotations
@@ -19,21 +26,30 @@ import numpy as np
 import torch
 
 
-def _batch(tokens: np.ndarray, first: int, n: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences first .. first+n-1 as (x, y), LongTensors [n, context]."""
-    chunk = np.asarray(tokens[first * context: (first + n) * context + 1], dtype=np.int64)
-    chunk = torch.from_numpy(chunk)
-    return chunk[:-1].view(n, context), chunk[1:].view(n, context)
+def _windows(tokens: np.ndarray, index: np.ndarray, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows `index` (1-D array of window numbers) as (x, y), LongTensors [len(index), context]."""
+    positions = index[:, None] * context + np.arange(context + 1)  # [n, context + 1]
+    chunk = torch.from_numpy(np.asarray(tokens[positions], dtype=np.int64))
+    return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+
+def window_order(n_windows: int, seed: int, epoch: int = 0) -> np.ndarray:
+    """The permutation of window numbers served in an epoch seeded from (seed, epoch)."""
+    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n_windows)
 
 
 class Loader:
-    def __init__(self, tokens: np.ndarray, context: int, micro_batch: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, tokens: np.ndarray, context: int, micro_batch: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, reshuffle: bool = False):
         if context < 1 or micro_batch < 1:
             raise ValueError(f"Loader: context={context} and micro_batch={micro_batch} must be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"Loader: rank={rank} must be in [0, world_size={world_size})")
+        if seed < 0:
+            raise ValueError(f"Loader: seed={seed} must be >= 0")
         self.tokens, self.context, self.micro_batch = tokens, context, micro_batch
         self.rank, self.world_size = rank, world_size
+        self.seed, self.reshuffle = seed, reshuffle
         self.n_sequences = (len(tokens) - 1) // context
         self.per_step = micro_batch * world_size
         if self.n_sequences < self.per_step:
@@ -41,8 +57,17 @@ class Loader:
                 f"the train split ({len(tokens)} tokens) holds {self.n_sequences} sequences of protocol.context="
                 f"{context}, fewer than protocol.micro_batch x world_size = {micro_batch} x {world_size}")
         self.cursor = 0
-        """Global sequences consumed in the current epoch."""
+        """Global entries of the epoch's permutation consumed."""
         self.epoch = 0
+        self._order_seed: int | None = None
+        self._order = np.zeros(0, dtype=np.int64)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The window numbers served in `epoch`, in order (cached for the current epoch)."""
+        key = epoch if self.reshuffle else 0
+        if key != self._order_seed:
+            self._order, self._order_seed = window_order(self.n_sequences, self.seed, key), key
+        return self._order
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the next global micro-step: (x, y), LongTensors [micro_batch, context]."""
@@ -50,7 +75,7 @@ class Loader:
             self.cursor, self.epoch = 0, self.epoch + 1
         first = self.cursor + self.rank * self.micro_batch
         self.cursor += self.per_step
-        return _batch(self.tokens, first, self.micro_batch, self.context)
+        return _windows(self.tokens, self.order(self.epoch)[first: first + self.micro_batch], self.context)
 
     __next__ = next
 
@@ -69,11 +94,13 @@ class Loader:
 
 
 def eval_batches(tokens: np.ndarray, context: int, micro_batch: int, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first n micro-batches of the test split, identical for every run and every rank.
+    """The first n micro-batches of the test split, in order, identical for every run and every rank.
 
-    Yields at most the sequences the split holds, each once; the last batch may be smaller, so weight
-    a mean loss by batch size.
+    The test split is already a random sample of whole documents (trainers.data), so its windows are
+    taken in order, not permuted. Yields at most the windows the split holds, each once; the last batch
+    may be smaller, so weight a mean loss by batch size.
     """
     n_sequences = min((len(tokens) - 1) // context, n * micro_batch)
     for first in range(0, n_sequences, micro_batch):
-        yield _batch(tokens, first, min(micro_batch, n_sequences - first), context)
+        index = np.arange(first, min(first + micro_batch, n_sequences))
+        yield _windows(tokens, index, context)

@@ -159,7 +159,8 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_d
             f"({data.vocab_size}, data.tokenizer={data_cfg.tokenizer!r}): set architecture.vocab_size >= "
             f"{data.vocab_size}"
         )
-    loader = Loader(data.train, cfg.context, cfg.micro_batch, rank=env.rank, world_size=env.world_size)
+    loader = Loader(data.train, cfg.context, cfg.micro_batch, rank=env.rank, world_size=env.world_size,
+                    seed=data_cfg.seed, reshuffle=data_cfg.reshuffle)  # data.seed, not protocol.seed: a fixed order
 
     _seed_everything(cfg.seed)
     bare = build_model(model_cfg).to(env.device)

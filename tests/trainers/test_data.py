@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from trainers import data as data_module
 from trainers.config import DataConfig
-from trainers.data import build_once, prepare_data, stdlib_files
+from trainers.data import build_once, load_corpus, prepare_data, split_documents, stdlib_files
 from trainers.tokenizer import EOS, bpe_tokenizer, train_bpe
 
 SMALL = {"vocab_size": 512, "test_tokens": 1000}
@@ -22,9 +23,23 @@ def stdlib_text(*names: str) -> list[str]:
 
 
 def packed(docs: list[str], tokenizer_json: Path) -> np.ndarray:
-    """What the pipeline must produce: every document's ids followed by <|endoftext|>."""
+    """Every document's ids followed by <|endoftext|>, in the order given."""
     tok = bpe_tokenizer(tokenizer_json)
     return np.concatenate([np.array(ids + [tok.eos_id]) for ids in tok.encode_batch(docs)])
+
+
+def documents(tokens: np.ndarray, eos: int) -> list[tuple[int, ...]]:
+    """A packed array cut into its documents (each keeps its final eos); the array must end with eos."""
+    assert tokens[-1] == eos
+    ends = np.flatnonzero(np.asarray(tokens) == eos) + 1
+    return [tuple(part) for part in np.split(np.asarray(tokens, dtype=np.int64), ends[:-1])]
+
+
+def same_documents(prepared, expected: np.ndarray) -> bool:
+    """train + test hold exactly the documents of `expected` (a packed array), each once."""
+    eos = json.loads((prepared.path / "meta.json").read_text())["eos_id"]
+    got = documents(prepared.train, eos) + documents(prepared.test, eos)
+    return sorted(got) == sorted(documents(expected, eos))
 
 
 @pytest.fixture
@@ -74,28 +89,107 @@ def test_stdlib_corpus_is_deterministic(tmp_path: Path):
     sizes = np.cumsum([len(d.encode()) for d in docs])
     kept = [d for d in docs[: int(np.searchsorted(sizes, 400_000, side="right"))] if d]
     assert meta["documents"] == len(kept)
-    full = np.concatenate([one.train, one.test])
-    assert np.array_equal(full, packed(kept, one.path / "tokenizer.json"))
-    assert len(one.test) == 1000 and meta["train_tokens"] == len(full) - 1000
+    assert same_documents(one, packed(kept, one.path / "tokenizer.json"))
+    assert meta["train_tokens"] == len(one.train) and meta["test_tokens"] == len(one.test) >= 1000
 
 
 def test_local_txt_jsonl_parquet_files_in_order(tmp_path: Path, files):
     names, docs = files
     prepared = prepare_data(files_cfg(tmp_path, names), context=32, progress=False)
     full = np.concatenate([prepared.train, prepared.test])
-    assert np.array_equal(full, packed(docs, prepared.path / "tokenizer.json"))  # empty jsonl row skipped
-    assert len(prepared.test) == 1000
-    assert np.array_equal(prepared.test, full[-1000:])
+    assert same_documents(prepared, packed(docs, prepared.path / "tokenizer.json"))  # empty jsonl row skipped
+    assert len(prepared.test) >= 1000
     assert json.loads((prepared.path / "meta.json").read_text())["documents"] == 6
     assert (full == bpe_tokenizer(prepared.path / "tokenizer.json").eos_id).sum() == 6
+
+
+def stdlib_docs(n: int) -> list[str]:
+    """The documents of DataConfig(max_docs=n) in corpus order (what the pipeline keeps, before shuffling)."""
+    texts = []
+    for path in stdlib_files():
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            continue
+    return [t for t in texts[:n] if t]
+
+
+def test_test_split_is_random_whole_documents_and_train_is_packed_shuffled(tmp_path: Path):
+    cfg = DataConfig(max_docs=60, vocab_size=512, test_tokens=4096, cache_dir=str(tmp_path / "a"))
+    prepared = prepare_data(cfg, context=32, progress=False)
+    meta = json.loads((prepared.path / "meta.json").read_text())
+    eos = meta["eos_id"]
+    ref = documents(packed(stdlib_docs(60), prepared.path / "tokenizer.json"), eos)  # corpus order
+    assert len(ref) == meta["documents"] > 50
+    train_docs, test_docs = split_documents(np.array([len(d) for d in ref]), 4096, seed=0)
+    # both splits are whole documents in the seeded permuted order; each document is in exactly one
+    assert documents(prepared.test, eos) == [ref[i] for i in test_docs]
+    assert documents(prepared.train, eos) == [ref[i] for i in train_docs]
+    assert sorted(np.concatenate([train_docs, test_docs]).tolist()) == list(range(len(ref)))
+    assert not set(test_docs.tolist()) & set(train_docs.tolist())
+    # documents are drawn until the split holds >= data.test_tokens, and not one more
+    assert len(prepared.test) >= 4096 > len(prepared.test) - len(ref[test_docs[-1]])
+    assert meta["test_documents"] == len(test_docs) >= 2 and meta["test_tokens"] == len(prepared.test)
+    assert meta["train_documents"] == len(train_docs) and meta["seed"] == 0
+    # not the corpus tail, and train is not in corpus order
+    assert set(test_docs.tolist()) != set(range(len(ref) - len(test_docs), len(ref)))
+    corpus_tail = np.concatenate([np.array(d) for d in ref])[-len(prepared.test):]
+    assert not np.array_equal(prepared.test, corpus_tail)
+    assert train_docs.tolist() != sorted(train_docs.tolist())
+    # fixed for a seed (another cache, same bytes); another data.seed holds out other documents
+    again = prepare_data(DataConfig(**{**cfg.__dict__, "cache_dir": str(tmp_path / "b")}), context=32, progress=False)
+    assert np.array_equal(again.test, prepared.test) and np.array_equal(again.train, prepared.train)
+    other = prepare_data(DataConfig(**{**cfg.__dict__, "seed": 1}), context=32, progress=False)
+    assert set(documents(other.test, eos)) != set(documents(prepared.test, eos))
+    assert sorted(documents(other.train, eos) + documents(other.test, eos)) == sorted(ref)
+
+
+def test_data_seed_enters_the_fingerprint_and_an_unchanged_config_reuses_the_cache(tmp_path: Path, files):
+    names, _ = files
+    zero = prepare_data(files_cfg(tmp_path, names), context=32, progress=False)
+    one = prepare_data(files_cfg(tmp_path, names, seed=1), context=32, progress=False)
+    assert one.fingerprint != zero.fingerprint and one.path != zero.path
+    assert json.loads((one.path / "meta.json").read_text())["description"]["seed"] == 1
+    assert not (np.array_equal(one.train, zero.train) and np.array_equal(one.test, zero.test))
+    built = (zero.path / "train.npy").stat().st_mtime_ns
+    start = time.perf_counter()
+    warm = prepare_data(files_cfg(tmp_path, names), context=32, progress=False)
+    assert time.perf_counter() - start < 0.5
+    assert warm.path == zero.path and (zero.path / "train.npy").stat().st_mtime_ns == built
+    assert np.array_equal(warm.train, zero.train) and np.array_equal(warm.test, zero.test)
+    # reshuffle only changes the loader's order: same cache folder
+    assert prepare_data(files_cfg(tmp_path, names, reshuffle=True), context=32, progress=False).path == zero.path
+    assert len([p for p in (tmp_path / "cache" / "data").iterdir() if p.is_dir()]) == 2
+    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 1 + 1  # one BPE for both seeds
+
+
+def test_gather_copies_documents_in_the_given_order_across_chunks(tmp_path: Path, monkeypatch):
+    raw = np.arange(100, dtype=np.uint16)
+    lengths = np.array([10, 30, 5, 55])
+    starts = np.cumsum(lengths) - lengths
+    monkeypatch.setattr(data_module, "GATHER_TOKENS", 7)  # chunks smaller than most documents
+    n = data_module._gather(raw, starts, lengths, np.array([3, 0, 2]), tmp_path / "x.npy")
+    out = np.load(tmp_path / "x.npy")
+    assert n == 70 and out.dtype == np.uint16
+    assert out.tolist() == list(range(45, 100)) + list(range(10)) + list(range(40, 45))
+
+
+def test_split_documents_draws_until_enough_tokens():
+    lengths = np.array([100, 200, 300, 400, 500])
+    train, test = split_documents(lengths, 450, seed=3)
+    order = np.random.Generator(np.random.PCG64(3)).permutation(5)
+    k = int(np.argmax(np.cumsum(lengths[order]) >= 450)) + 1
+    assert test.tolist() == order[:k].tolist() and train.tolist() == order[k:].tolist()
+    assert lengths[test].sum() >= 450 > lengths[test[:-1]].sum()
 
 
 def test_max_docs_and_globs(tmp_path: Path, files):
     names, docs = files
     txt_only = files_cfg(tmp_path, [str(tmp_path / "*.txt")], max_docs=1)  # a.txt, b.txt sorted -> a only
-    prepared = prepare_data(txt_only, context=32, progress=False)
-    full = np.concatenate([prepared.train, prepared.test])
-    assert np.array_equal(full, packed(docs[:1], prepared.path / "tokenizer.json"))
+    assert load_corpus(txt_only, tmp_path / "hf", progress=False)["text"] == docs[:1]
+    both = files_cfg(tmp_path, [str(tmp_path / "*.txt")])
+    prepared = prepare_data(both, context=32, progress=False)
+    assert same_documents(prepared, packed([docs[0], docs[-1]], prepared.path / "tokenizer.json"))
 
 
 @pytest.mark.parametrize(("max_docs", "max_bytes", "n_docs"), [(0, 0, 6), (2, 0, 2), (0, "3 docs", 3)])
@@ -113,8 +207,7 @@ def test_hub_code_path_on_a_local_dataset_folder(tmp_path: Path, monkeypatch, fi
     cfg = DataConfig(source="hub", hub_id=str(folder), text_field="content", max_docs=max_docs,
                      max_bytes=max_bytes, cache_dir=str(tmp_path / "cache"), **SMALL)
     prepared = prepare_data(cfg, context=32, progress=False)
-    expected = packed(docs[:n_docs], prepared.path / "tokenizer.json")
-    assert np.array_equal(np.concatenate([prepared.train, prepared.test]), expected)
+    assert same_documents(prepared, packed(docs[:n_docs], prepared.path / "tokenizer.json"))
     with pytest.raises(ValueError, match=r"data.text_field='body': not a column of .*hub; columns: content"):
         prepare_data(DataConfig(**{**cfg.__dict__, "text_field": "body"}), context=32, progress=False)
 
@@ -208,7 +301,7 @@ def test_pretrained_tokenizer_from_a_local_folder(tmp_path: Path, files):
     assert prepared.vocab_size == 401
     expected = np.concatenate([np.array(ids + [hf.eos_token_id])
                                for ids in hf(docs, add_special_tokens=False)["input_ids"]])
-    assert np.array_equal(np.concatenate([prepared.train, prepared.test]), expected)
+    assert same_documents(prepared, expected)
 
 
 @pytest.mark.parametrize(
@@ -224,6 +317,8 @@ def test_pretrained_tokenizer_from_a_local_folder(tmp_path: Path, files):
         ({"tokenizer": "/no/such/tokenizer"}, 32, r"data.tokenizer='/no/such/tokenizer': no such folder"),
         ({"vocab_size": 60_000}, 32, r"data.vocab_size=60000: the corpus only yields \d+ BPE tokens"),
         ({"vocab_size": 256}, 32, r"data.vocab_size=256: a byte-level BPE needs >= 257"),
+        ({"max_docs": 1}, 32, r"data.test_tokens=1000: the test split is whole documents; holding out 1 of "
+                              r"the 1 documents \(\d+ tokens\) leaves the train split 0 tokens"),
     ],
 )
 def test_bad_inputs_raise_errors_naming_the_setting(tmp_path: Path, monkeypatch, files, kw, context, message):
@@ -237,9 +332,13 @@ def test_bad_inputs_raise_errors_naming_the_setting(tmp_path: Path, monkeypatch,
     assert built == []  # neither a cache folder nor a temporary one is left
 
 
-def test_config_rejects_negative_limits():
+def test_config_rejects_negative_limits_and_bad_order_settings():
     with pytest.raises(ValueError, match="data.max_bytes=-1"):
         DataConfig(max_bytes=-1)
+    with pytest.raises(ValueError, match="data.seed=-1: must be an integer >= 0"):
+        DataConfig(seed=-1)
+    with pytest.raises(ValueError, match="data.reshuffle='yes': allowed: true, false"):
+        DataConfig(reshuffle="yes")
 
 
 @pytest.mark.slow
@@ -256,5 +355,5 @@ def test_embedded_default_builds_cold_in_well_under_a_minute(tmp_path: Path):
     # cpu time (all threads) is the work done, whatever else runs on the machine: about 12 s measured
     assert build_cpu_s < 30 and build_s < 60 and load_s < 0.5
     assert cold.vocab_size == 4096 and cold.train.dtype == np.uint16
-    assert len(cold.test) == 65536 and len(cold.train) > 2_000_000
+    assert 65536 <= len(cold.test) < 200_000 and len(cold.train) > 2_000_000
     assert np.array_equal(cold.train[:1000], warm.train[:1000])
