@@ -93,14 +93,22 @@ class Loader:
         self.cursor, self.epoch = cursor, epoch
 
 
-def eval_batches(tokens: np.ndarray, context: int, micro_batch: int, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first n micro-batches of the test split, in order, identical for every run and every rank.
+def eval_windows(n_windows: int, wanted: int) -> np.ndarray:
+    """`wanted` window numbers spread evenly over 0 .. n_windows-1 (all of them when wanted >= n_windows),
+    so that an eval of part of the test split still reads every held-out document, not just the first."""
+    if wanted >= n_windows:
+        return np.arange(n_windows)
+    return np.arange(wanted) * n_windows // wanted
 
-    The test split is already a random sample of whole documents (trainers.data), so its windows are
-    taken in order, not permuted. Yields at most the windows the split holds, each once; the last batch
+
+def eval_batches(tokens: np.ndarray, context: int, micro_batch: int, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """n micro-batches of the test split, identical for every run and every rank.
+
+    The test split is already a random sample of whole documents (trainers.data). When it holds more
+    than n x micro_batch windows, the windows are taken evenly spaced over the whole split (every
+    document contributes in proportion to its length); otherwise every window once. The last batch
     may be smaller, so weight a mean loss by batch size.
     """
-    n_sequences = min((len(tokens) - 1) // context, n * micro_batch)
-    for first in range(0, n_sequences, micro_batch):
-        index = np.arange(first, min(first + micro_batch, n_sequences))
-        yield _windows(tokens, index, context)
+    index = eval_windows((len(tokens) - 1) // context, n * micro_batch)
+    for first in range(0, len(index), micro_batch):
+        yield _windows(tokens, index[first: first + micro_batch], context)

@@ -247,8 +247,8 @@ def _check_finite(step: int, loss: float, grad_norm: float) -> None:
 
 @torch.no_grad()
 def evaluate(run: _Run) -> float:
-    """Mean loss over the first eval_batches micro-batches of the test split (the same sequences at
-    every eval, whatever the world size: rank r evaluates batches r, r + W, ...)."""
+    """Mean loss over eval_batches micro-batches of the test split, spread over all of it (the same
+    windows at every eval, whatever the world size: rank r evaluates batches r, r + W, ...)."""
     bare, env = unwrap(run.model), run.env
     bare.eval()
     total = torch.zeros(2, device=env.device)  # [sum of losses x sequences, sequences]

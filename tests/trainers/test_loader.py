@@ -146,11 +146,13 @@ def test_bad_inputs_raise_clear_errors():
         loader.load_state_dict({"cursor": 25, "epoch": 0})
 
 
-def test_eval_batches_are_the_first_sequences_of_the_split_each_once():
-    tokens = np.arange(201, dtype=np.uint16)  # 20 sequences of 10
-    batches = list(eval_batches(tokens, context=10, micro_batch=8, n=2))
-    assert [x.shape[0] for x, _ in batches] == [8, 8]
-    assert torch.equal(batches[1][0][0], torch.arange(80, 90))
+def test_eval_batches_spread_over_the_whole_split_each_window_once():
+    tokens = np.arange(201, dtype=np.uint16)  # 20 windows of 10
+    batches = list(eval_batches(tokens, context=10, micro_batch=4, n=2))  # 8 of the 20 windows
+    assert [x.shape[0] for x, _ in batches] == [4, 4]
+    firsts = torch.cat([x[:, 0] for x, _ in batches]).tolist()
+    assert firsts == [0, 20, 50, 70, 100, 120, 150, 170]  # windows 0, 2, 5, 7, 10, 12, 15, 17
+    assert torch.equal(batches[0][1][1], torch.arange(21, 31))  # targets: inputs shifted by one
     everything = list(eval_batches(tokens, context=10, micro_batch=8, n=100))
     assert [x.shape[0] for x, _ in everything] == [8, 8, 4]
     firsts = torch.cat([x[:, 0] for x, _ in everything])
@@ -158,6 +160,16 @@ def test_eval_batches_are_the_first_sequences_of_the_split_each_once():
     assert everything[-1][1][-1, -1].item() == 200
     again = list(eval_batches(tokens, context=10, micro_batch=8, n=100))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(everything, again, strict=True))
+
+
+def test_eval_windows_reach_the_last_document_of_a_large_split():
+    from trainers.loader import eval_windows
+
+    index = eval_windows(100_000, 512)
+    assert len(index) == len(set(index.tolist())) == 512
+    assert index[0] == 0 and index[-1] == 511 * 100_000 // 512  # within one spacing of the end
+    assert np.all(np.diff(index) >= 100_000 // 512)
+    assert eval_windows(7, 10).tolist() == list(range(7))
 
 
 def test_the_loop_serves_the_data_seed_order_whatever_the_protocol_seed(tmp_path, monkeypatch):
