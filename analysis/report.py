@@ -201,7 +201,27 @@ def _summary(sweep: str, uri: str, runs, ranking, sections: list[str], metric: s
             f"- final-loss estimate: {label} (`--metric {metric}`)",
             f"- configurations ranked: {len(ranking)}", f"- generated: {stamp}"]
     head += [f"- MLflow: these files are the artifacts of the sweep's parent run `{parent}`"] if parent else []
+    head += _entropy_lines(runs)
     return "\n".join([*head, "", *_ranking_section(ranking, metric, label), *sections]) + "\n"
+
+
+def _entropy_lines(runs: pd.DataFrame) -> list[str]:
+    """The corpus's unigram entropy (logged by the trainer at each eval) beside the baselines' final eval
+    loss: how far below "knowing only token frequencies" the baseline got."""
+    finished = runs[runs["status"] == "FINISHED"]
+    if "unigram_entropy" not in finished or finished["unigram_entropy"].isna().all():
+        return []
+    entropy = finished["unigram_entropy"].dropna()
+    line = f"- unigram entropy of the corpus's tokens: {entropy.mean():.4f} nats"
+    if entropy.nunique() > 1:
+        line += f" (runs on different data: {entropy.min():.4f} to {entropy.max():.4f})"
+    baselines = finished[finished.get("arch", pd.Series(index=finished.index, dtype=object)).isin(["llama", "gpt2"])]
+    if "eval_loss" in baselines and baselines["eval_loss"].notna().any():
+        loss = baselines["eval_loss"].dropna()
+        gap = (baselines["unigram_entropy"] - baselines["eval_loss"]).dropna()
+        line += (f"; baselines' final eval_loss {loss.mean():.4f} (min {loss.min():.4f}, max {loss.max():.4f}, "
+                 f"n={len(loss)}): {gap.min():.4f} to {gap.max():.4f} nats below it")
+    return [line]
 
 
 def _ranked(runs: pd.DataFrame, metric: str) -> pd.DataFrame:

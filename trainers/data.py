@@ -5,8 +5,9 @@
 
 Every document is tokenized and followed by the end-of-text id. The documents are then shuffled
 by a permutation seeded from data.seed (numpy PCG64): the first documents of that permutation,
-whole, are the test split (drawn until it holds at least data.test_tokens tokens), the others are
-the train split, packed in the permuted order. The test split is therefore a fixed random sample of
+whole, are the test split (drawn until it holds at least data.test_tokens tokens, skipping any
+document longer than test_tokens / 16 so that no single file dominates it), the others are the
+train split, packed in the permuted order. The test split is therefore a fixed random sample of
 documents, not the corpus tail, and the same for every run with the same data.seed.
 (trainers.loader then serves the train windows in a second seeded permutation, so that a batch
 mixes the whole corpus.)
@@ -50,7 +51,7 @@ from tqdm import tqdm
 from trainers.config import DataConfig
 from trainers.tokenizer import TextTokenizer, bpe_tokenizer, pretrained_spec, pretrained_tokenizer, train_bpe
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bump when the layout or the content of a cache folder changes: old folders are then ignored."""
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 """Folders of the standard library left out of the corpus: installed packages and test suites."""
@@ -72,6 +73,21 @@ class Prepared:
     fingerprint: str
     path: Path
     """The cache folder (meta.json there describes the build)."""
+    unigram_entropy: float = float("nan")
+    """Entropy in nats of the corpus's token frequencies (train and test): the loss of a model that
+    knows only how often each token occurs, the reference a trained model's loss is read against."""
+
+
+def unigram_entropy(*splits: np.ndarray, chunk: int = 1 << 24) -> float:
+    """Entropy (nats) of the token frequencies over the given 1-D id arrays, counted chunk by chunk."""
+    counts = np.zeros(0, dtype=np.int64)
+    for ids in splits:
+        for first in range(0, len(ids), chunk):
+            part = np.bincount(np.asarray(ids[first: first + chunk]))
+            counts = np.pad(counts, (0, max(0, len(part) - len(counts))))
+            counts[: len(part)] += part
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -361,15 +377,27 @@ def _tokenize_to(path: Path, ds, tok: TextTokenizer, dtype: np.dtype, progress: 
     return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
 
 
+TEST_DOC_SHARE = 16
+"""A document longer than test_tokens / TEST_DOC_SHARE is never held out: one large file (the stdlib's
+pydoc_data/topics.py is ~180k tokens of English prose) would otherwise fill most of the test split."""
+
+
 def split_documents(lengths: np.ndarray, test_tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) document indices, each in the order they are packed.
 
-    A permutation of the documents seeded from `seed` (PCG64); its first documents, up to and
-    including the one that brings the held-out total to >= test_tokens, are the test split.
+    A permutation of the documents seeded from `seed` (PCG64). The test split is its first documents
+    no longer than test_tokens / TEST_DOC_SHARE, up to and including the one that brings the held-out
+    total to >= test_tokens (if such documents cannot reach test_tokens, every document is eligible);
+    the train split is every other document, in permutation order.
     """
     order = np.random.Generator(np.random.PCG64(seed)).permutation(len(lengths))
-    n_test = int(np.searchsorted(np.cumsum(lengths[order]), test_tokens)) + 1
-    return order[n_test:], order[:n_test]
+    eligible = lengths[order] <= test_tokens // TEST_DOC_SHARE
+    if lengths[order][eligible].sum() < test_tokens:
+        eligible[:] = True
+    candidates = order[eligible]
+    n_test = int(np.searchsorted(np.cumsum(lengths[candidates]), test_tokens)) + 1
+    test = candidates[:n_test]
+    return order[~np.isin(order, test)], test
 
 
 def _gather(raw: np.ndarray, starts: np.ndarray, lengths: np.ndarray, docs: np.ndarray, path: Path) -> int:
@@ -421,7 +449,10 @@ def _build(cfg: DataConfig, context: int, desc: dict, tmp: Path, progress: bool)
     meta = {"fingerprint": desc["fingerprint"], "description": desc, "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id, "dtype": dtype.name, "seed": cfg.seed, "train_tokens": n_train,
             "test_tokens": n_test, "documents": len(lengths), "train_documents": len(train_docs),
-            "test_documents": len(test_docs), "build_s": round(time.perf_counter() - start, 3)}
+            "test_documents": len(test_docs),
+            "unigram_entropy": unigram_entropy(np.load(tmp / "train.npy", mmap_mode="r"),
+                                               np.load(tmp / "test.npy", mmap_mode="r")),
+            "build_s": round(time.perf_counter() - start, 3)}
     with open(tmp / "meta.json", "w") as handle:  # written last; durable before the rename
         handle.write(json.dumps(meta, indent=1))
         handle.flush()
@@ -445,4 +476,5 @@ def prepare_data(cfg: DataConfig, context: int, progress: bool = True) -> Prepar
     train = np.load(target / "train.npy", mmap_mode="r")
     test = np.load(target / "test.npy", mmap_mode="r")
     check_sizes(len(train), len(test), context)
-    return Prepared(train, test, meta["vocab_size"], fingerprint, target)
+    entropy = meta["unigram_entropy"] if "unigram_entropy" in meta else unigram_entropy(train, test)
+    return Prepared(train, test, meta["vocab_size"], fingerprint, target, entropy)

@@ -119,6 +119,8 @@ class _Run:
     optimizer: torch.optim.Optimizer
     loader: Loader
     test_tokens: np.ndarray
+    unigram_entropy: float
+    """Of the corpus's tokens (nats): logged beside every eval_loss as the loss to beat."""
     accum: int
     run_dir: Path
     state: ckpt.ResumeState
@@ -172,6 +174,7 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_d
 
     local = JsonlLogger(run_dir / "metrics.jsonl", keep_through=state.step) if env.is_main else None
     return _Run(env=env, cfg=cfg, model=model, optimizer=optimizer, loader=loader, test_tokens=data.test,
+                unigram_entropy=data.unigram_entropy,
                 accum=accum, run_dir=run_dir, state=state,
                 logger=MultiLogger(local, logger) if env.is_main else None, local=local,
                 flops_per_token=flops_per_token(model_cfg, cfg.context),
@@ -327,6 +330,7 @@ def _run_steps(run: _Run, signals: _StopSignals, should_stop) -> str:
             state.train_loss = metrics["train_loss"]
             if _due(state.step, cfg.eval_every, cfg.steps):
                 state.eval_loss = metrics["eval_loss"] = evaluate(run)
+                metrics["unigram_entropy"] = run.unigram_entropy
             if run.logger is not None:
                 run.logger.log(metrics, state.step)
             bar.update(1)

@@ -214,3 +214,17 @@ def test_pareto_mask():
     speed = pd.Series([2.0, 1.5, 1.2, 3.0, None, 2.0])
     # 1 is dominated by 0 (lower loss, higher speed); 4 has no speed; 5 ties with 0: both kept
     assert pareto_mask(loss, speed).tolist() == [True, False, True, True, False, True]
+
+
+def test_summary_prints_the_unigram_entropy_beside_the_baselines_eval_loss(new_store, tmp_path):
+    uri, client = new_store
+    exp = client.create_experiment("lane_count")
+    for arch, seed, final in [("llama", 0, 3.0), ("llama", 1, 3.2), ("tpb", 0, 3.5)]:
+        params = {"architecture.arch": arch, "architecture.recipe": "burger", "architecture.lane_count": 2,
+                  "protocol.seed": seed}
+        log_run(client, exp, f"{arch}-s{seed}", params, {"run_key": f"{arch}{seed}", "arch": arch, "label": arch},
+                loss_curve(final), eval_every=10, extra={"unigram_entropy": 6.5})
+    text = (build_report("lane_count", uri, tmp_path / "reports") / "summary.md").read_text()
+    # the llama seeds end at 3.0 and 3.2 (eval equals the train loss in these fakes): 3.5 and 3.3 below 6.5
+    assert ("- unigram entropy of the corpus's tokens: 6.5000 nats; baselines' final eval_loss 3.1000 "
+            "(min 3.0000, max 3.2000, n=2): 3.3000 to 3.5000 nats below it") in text

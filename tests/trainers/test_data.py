@@ -10,7 +10,7 @@ import pytest
 
 from trainers import data as data_module
 from trainers.config import DataConfig
-from trainers.data import build_once, load_corpus, prepare_data, split_documents, stdlib_files
+from trainers.data import build_once, load_corpus, prepare_data, split_documents, stdlib_files, unigram_entropy
 from trainers.tokenizer import EOS, bpe_tokenizer, train_bpe
 
 SMALL = {"vocab_size": 512, "test_tokens": 1000}
@@ -181,6 +181,17 @@ def test_split_documents_draws_until_enough_tokens():
     k = int(np.argmax(np.cumsum(lengths[order]) >= 450)) + 1
     assert test.tolist() == order[:k].tolist() and train.tolist() == order[k:].tolist()
     assert lengths[test].sum() >= 450 > lengths[test[:-1]].sum()
+
+
+def test_a_document_longer_than_a_sixteenth_of_the_test_split_is_never_held_out():
+    lengths = np.array([5000] + [100] * 200)  # one huge file among 200 small ones
+    for seed in range(20):
+        train, test = split_documents(lengths, 1600, seed=seed)  # cap: 1600 // 16 = 100 tokens
+        assert 0 not in test.tolist() and 0 in train.tolist()
+        assert len(test) == 16 and lengths[test].sum() == 1600
+        assert sorted(train.tolist() + test.tolist()) == list(range(201))
+        order = np.random.Generator(np.random.PCG64(seed)).permutation(201)
+        assert train.tolist() == [d for d in order.tolist() if d not in set(test.tolist())]  # permutation order
 
 
 def test_max_docs_and_globs(tmp_path: Path, files):
@@ -357,3 +368,25 @@ def test_embedded_default_builds_cold_in_well_under_a_minute(tmp_path: Path):
     assert cold.vocab_size == 4096 and cold.train.dtype == np.uint16
     assert 65536 <= len(cold.test) < 200_000 and len(cold.train) > 2_000_000
     assert np.array_equal(cold.train[:1000], warm.train[:1000])
+
+
+def test_unigram_entropy_equals_the_entropy_of_the_token_counts_across_chunks():
+    from collections import Counter
+
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 50, 1000).astype(np.uint16), rng.zipf(1.5, 777).clip(max=300).astype(np.uint16)
+    counts = Counter(a.tolist()) + Counter(b.tolist())
+    total = sum(counts.values())
+    expected = -sum(c / total * np.log(c / total) for c in counts.values())
+    assert unigram_entropy(a, b) == pytest.approx(expected, rel=1e-12)
+    assert unigram_entropy(a, b, chunk=7) == pytest.approx(expected, rel=1e-12)  # chunks of other lengths
+    assert unigram_entropy(np.full(10, 4, dtype=np.uint16)) == 0.0
+    assert unigram_entropy(np.arange(64)) == pytest.approx(np.log(64), rel=1e-12)
+
+
+def test_prepared_data_carries_the_unigram_entropy_of_both_splits(tmp_path: Path):
+    cfg = DataConfig(max_docs=20, vocab_size=512, test_tokens=4096, cache_dir=str(tmp_path))
+    prepared = prepare_data(cfg, context=32, progress=False)
+    meta = json.loads((prepared.path / "meta.json").read_text())
+    assert meta["unigram_entropy"] == prepared.unigram_entropy == unigram_entropy(prepared.train, prepared.test)
+    assert 3.0 < prepared.unigram_entropy < np.log(512)

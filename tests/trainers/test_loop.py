@@ -61,7 +61,7 @@ def test_every_step_logs_the_metrics(finished):
     assert [step for step, _ in recorder.rows] == list(range(1, 13))
     for step, metrics in recorder.rows:
         eval_step = step in (4, 8, 12)
-        assert set(metrics) == METRICS | ({"eval_loss"} if eval_step else set())
+        assert set(metrics) == METRICS | ({"eval_loss", "unigram_entropy"} if eval_step else set())
         assert metrics["tokens"] == step * 512
         assert metrics["lr"] == lr_at(step, cfg)
         assert all(math.isfinite(v) for v in metrics.values())
@@ -69,6 +69,8 @@ def test_every_step_logs_the_metrics(finished):
     assert math.log(512) - 0.1 < first < math.log(512) + 0.1  # starts near uniform over the 512 ids
     assert last < first - 0.2  # and learns
     assert result == loop.TrainResult("finished", 12, last, recorder.rows[-1][1]["eval_loss"], 12 * 512)
+    entropies = {metrics["unigram_entropy"] for step, metrics in recorder.rows if step in (4, 8, 12)}
+    assert len(entropies) == 1 and 4.0 < entropies.pop() < math.log(512)  # a constant of the data, below uniform
 
 
 def test_metrics_jsonl_is_the_same_record(finished):
