@@ -44,7 +44,7 @@ def test_optuna_study_keeps_its_trials_in_postgresql(orch, pg_fresh_pair, tmp_pa
     args = ["+study=delayed_comm_tpe", "-m", "study.n_trials=2", "study.n_parallel=2",
             f"study.storage={optuna_url}", f"tracking.uri={mlflow_url}", "study.pruner.report_every=2",
             "protocol.steps=6", "protocol.context=32", "protocol.batch_tokens=256", "protocol.micro_batch=8",
-            "protocol.eval_every=6", "protocol.eval_batches=1", "protocol.ckpt_every=3",
+            "protocol.eval_every=2", "protocol.eval_batches=1", "protocol.ckpt_every=3",
             "data.max_docs=40", "data.vocab_size=512", "data.test_tokens=4096", *orch.LOCAL]
     out = orch.run(args, tmp_path, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -59,8 +59,8 @@ def test_optuna_study_keeps_its_trials_in_postgresql(orch, pg_fresh_pair, tmp_pa
     for trial in trials:
         run = runs[trial.user_attrs["run_key"]]
         assert (run.info.status, run.data.tags["trial"]) == ("FINISHED", str(trial.number))
-        assert trial.value == run.data.metrics["train_loss"]
-        # written into PostgreSQL by the job process (its pruner reports, every 2 steps before the last)
+        assert trial.value == run.data.metrics["eval_loss"]  # the objective: the stable estimate
+        # written into PostgreSQL by the job process (its pruner reports the eval losses before the last step)
         assert sorted(trial.intermediate_values) == [2, 4]
-        losses = dict(orch.history(mlflow_url, run.info.run_id, "train_loss"))
+        losses = dict(orch.history(mlflow_url, run.info.run_id, "eval_loss"))
         assert [trial.intermediate_values[s] for s in (2, 4)] == [losses[2], losses[4]]
