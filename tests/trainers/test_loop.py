@@ -111,7 +111,7 @@ def test_should_stop_checkpoints_and_returns_stopped(data_cfg, tmp_path):
 
     result = loop.train(tiny_model(), tiny_train(), data_cfg, tmp_path, should_stop=should_stop)
     assert result.status == "stopped" and result.step == 5 and result.tokens == 5 * 512
-    assert seen == [(1, METRICS), (2, METRICS), (3, METRICS), (4, METRICS | {"eval_loss"}), (5, METRICS)]
+    assert seen == [(1, METRICS), (2, METRICS), (3, METRICS), (4, METRICS | {"eval_loss", "unigram_entropy"}), (5, METRICS)]
     assert _ckpt_steps(tmp_path) == [4, 5]
 
 
