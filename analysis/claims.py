@@ -15,8 +15,12 @@ A pair compares two groups of runs (the seeds of one setting). On the final esti
 Verdict of a pair, per relation:
 
     a < b          holds: d_end > 0 and a below b; contradicted: d_end > 0 and a above b; else inconclusive
-    equivalent M   holds: widest <= M; contradicted: d_end > M (apart by more than M); else inconclusive
-    differs M      holds: d_end > 0; contradicted: widest <= M (equivalent within M); else inconclusive
+    equivalent M   two one-sided tests (TOST, alpha 0.05) on the mean difference a - b: its 90% confidence
+                   interval lies inside (-M, M): holds; entirely outside [-M, M]: contradicted; else
+                   inconclusive. The difference is paired by seed (protocol.seed) when both groups have one
+                   run per seed and share >= 2 seeds (same data order, so the pair cancels the order's
+                   noise); otherwise Welch's unpaired interval
+    differs M      holds: d_end > 0; contradicted: equivalent within M by the test above; else inconclusive
     rises more     the rise (last x minus first x) of a vs of b, as intervals from the bands:
                    holds: a's lowest rise > b's highest; contradicted: a's highest < b's lowest
     wider spread   at every x, a's seed range (max - min) above b's: holds; below at every x: contradicted
@@ -36,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
+from scipy import stats
 
 from analysis.collect import AnalysisError
 from analysis.variance import extremum_distance, separation_step
@@ -202,6 +207,44 @@ class Band:
         return "no run" if not self.n else f"{self.mean:.4g} [{self.low:.4g}, {self.high:.4g}] (n={self.n})"
 
 
+SEED = "protocol.seed"
+TOST_ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The mean difference a - b of two groups and its two-sided 1 - 2*alpha confidence interval."""
+    mean: float
+    low: float
+    high: float
+    n: int
+    paired: bool
+
+    @classmethod
+    def of(cls, runs_a: pd.DataFrame, runs_b: pd.DataFrame, metric: str, alpha: float = TOST_ALPHA) -> Interval:
+        a, b = runs_a.dropna(subset=[metric]), runs_b.dropna(subset=[metric])
+        if SEED in a and SEED in b and not a[SEED].duplicated().any() and not b[SEED].duplicated().any():
+            common = sorted(set(a[SEED]) & set(b[SEED]))
+            if len(common) >= 2:
+                d = (a.set_index(SEED).loc[common, metric] - b.set_index(SEED).loc[common, metric]).to_numpy(float)
+                n, mean, se = len(d), float(d.mean()), float(d.std(ddof=1)) / math.sqrt(len(d))
+                return cls._make(mean, se, n - 1, n, True, alpha)
+        va, vb = a[metric].to_numpy(float), b[metric].to_numpy(float)
+        sa, sb = va.var(ddof=1) / len(va), vb.var(ddof=1) / len(vb)
+        se = math.sqrt(sa + sb)
+        df = (sa + sb) ** 2 / (sa ** 2 / (len(va) - 1) + sb ** 2 / (len(vb) - 1)) if se > 0 else 1.0
+        return cls._make(float(va.mean() - vb.mean()), se, df, min(len(va), len(vb)), False, alpha)
+
+    @classmethod
+    def _make(cls, mean: float, se: float, df: float, n: int, paired: bool, alpha: float) -> Interval:
+        half = float(stats.t.ppf(1 - alpha, df)) * se
+        return cls(mean, round(mean - half, 12) + 0.0, round(mean + half, 12) + 0.0, n, paired)
+
+    def text(self) -> str:
+        how = f"paired over {self.n} seeds" if self.paired else "unpaired (Welch)"
+        return f"a - b = {self.mean:+.3g}, 90% CI [{self.low:+.3g}, {self.high:+.3g}] {how}"
+
+
 @dataclass
 class Pair:
     name: str
@@ -213,6 +256,8 @@ class Pair:
     widest: float = math.nan
     separated_from: int | None = None
     last_step: int | None = None
+    diff: Interval | None = None
+    """The mean difference a - b with its 90% interval (equivalent / differs only)."""
 
 
 def _distances(a: Band, b: Band) -> tuple[float, float]:
@@ -255,19 +300,21 @@ def judge_pair(name: str, relation: str, runs_a: pd.DataFrame, runs_b: pd.DataFr
         else:
             pair.why = f"seed bands overlap by {-d_end:.3g}"
     elif relation == "equivalent":
-        if widest <= margin:
-            pair.verdict, pair.why = HOLDS, f"every run within {widest:.3g} <= margin {margin:g}"
-        elif d_end > margin:
-            pair.verdict, pair.why = CONTRADICTED, f"bands apart by {d_end:.3g} > margin {margin:g}"
+        pair.diff = ci = Interval.of(runs_a, runs_b, metric)
+        if -margin < ci.low and ci.high < margin:
+            pair.verdict, pair.why = HOLDS, f"{ci.text()} inside +-{margin:g}"
+        elif ci.low > margin or ci.high < -margin:
+            pair.verdict, pair.why = CONTRADICTED, f"{ci.text()} outside +-{margin:g}"
         else:
-            pair.why = f"runs up to {widest:.3g} apart, bands {d_end:.3g} apart: margin {margin:g} not decided"
+            pair.why = f"{ci.text()} crosses +-{margin:g}: not decided"
     elif relation == "differs":
+        pair.diff = ci = Interval.of(runs_a, runs_b, metric)
         if d_end > 0:
             pair.verdict, pair.why = HOLDS, f"bands apart by {d_end:.3g}"
-        elif widest <= margin:
-            pair.verdict, pair.why = CONTRADICTED, f"every run within {widest:.3g} <= margin {margin:g}"
+        elif -margin < ci.low and ci.high < margin:
+            pair.verdict, pair.why = CONTRADICTED, f"equivalent: {ci.text()} inside +-{margin:g}"
         else:
-            pair.why = f"seed bands overlap by {-d_end:.3g}"
+            pair.why = f"seed bands overlap by {-d_end:.3g}; {ci.text()}"
     else:
         raise ValueError(f"judge_pair: relation {relation!r}")
     return pair
@@ -438,7 +485,9 @@ def markdown(found: Sequence[Finding], estimate: str) -> list[str]:
              "(> 0: the bands are apart); 'stays > 0 from' = the step after which eq. 12 on the per-step estimate "
              "stays positive (— : not computed, e.g. fewer than 2 runs). For 'rises more' the bands are the rises "
              "(loss at the last x minus the first) and d_end = a's lowest rise minus b's highest; for 'wider "
-             "spread' d_end = a's seed range minus b's. Claims and relations: analysis/claims.py (CLAIMS).", ""]
+             "spread' d_end = a's seed range minus b's. 'equivalent' is two one-sided tests: the 90% interval of "
+             "the mean difference a - b, paired by seed where the groups share seeds, must lie inside the "
+             "margin. Claims and relations: analysis/claims.py (CLAIMS).", ""]
     for f in found:
         c = f.claim
         groups = f"a = {describe(c.a)}" + (f"; b = {describe(c.b)}" if c.b else "") + \

@@ -93,17 +93,45 @@ def test_increasing_in_lane_count_per_recipe():
 EQUIVALENT = "there isn't much different between 1 and 8 lanes"
 
 
-@pytest.mark.parametrize("l8, verdict, why", [
-    ((3.02, 3.04), C.HOLDS, "every run within 0.04 <= margin 0.05"),          # widest: 3.04 - 3.00
-    ((3.20, 3.22), C.CONTRADICTED, "bands apart by 0.18 > margin 0.05"),      # 3.20 - 3.02
-    ((3.05, 3.09), C.INCONCLUSIVE, "margin 0.05 not decided"),                # widest 0.09, gap 0.03
+@pytest.mark.parametrize("l8, verdict, ci", [
+    # paired by seed: a - b = L1 - L8 per seed; 2 seeds: 90% CI = mean +- t(0.95, 1) * sd / sqrt(2), t = 6.3138
+    ((3.02, 3.04), C.HOLDS, (-0.02, -0.02)),                    # differences -0.02, -0.02: sd 0
+    ((3.20, 3.22), C.CONTRADICTED, (-0.20, -0.20)),             # entirely below -0.05
+    ((3.05, 3.09), C.INCONCLUSIVE, (-0.06 - 0.063138, -0.06 + 0.063138)),  # -0.05, -0.07: sd 0.01414, se 0.01
 ])
-def test_equivalence_in_and_out_of_margin(l8, verdict, why):
+def test_equivalence_is_two_one_sided_tests_paired_by_seed(l8, verdict, ci):
     runs = lane_runs({1: (3.00, 3.02), 8: l8}, {})
     found = C.judge(claim(EQUIVALENT), runs, "eval_loss")
     [pair] = found.pairs  # one recipe present
-    assert pair.name == "recipe=sandwich" and pair.verdict == verdict and why in pair.why
-    assert found.verdict == verdict
+    assert pair.name == "recipe=sandwich" and pair.verdict == verdict and found.verdict == verdict
+    assert pair.diff.paired and pair.diff.n == 2
+    assert (pair.diff.low, pair.diff.high) == pytest.approx(ci, abs=1e-5)
+
+
+def test_equivalence_holds_when_the_seed_spread_exceeds_the_margin_but_each_seed_agrees():
+    # the CPU study's case: seeds 0.3 nats apart, the two recipes within 0.02 of each other on every seed
+    runs = lane_runs({1: (3.00, 3.30, 3.10)}, {1: (3.01, 3.30, 3.12)})
+    found = C.judge(claim("The similar results using 1 lane"), runs, "eval_loss")
+    [pair] = found.pairs
+    assert pair.widest == pytest.approx(0.30)  # 3.30 - 3.00: every-run-within-margin could never hold
+    # differences -0.01, 0.00, -0.02: mean -0.01, sd 0.01, se 0.01/sqrt(3); t(0.95, 2) = 2.919986
+    half = 2.919986 * 0.01 / 3 ** 0.5
+    assert (pair.diff.mean, pair.diff.low, pair.diff.high) == pytest.approx((-0.01, -0.01 - half, -0.01 + half))
+    assert pair.verdict == C.HOLDS and "paired over 3 seeds" in pair.why
+
+
+def test_equivalence_without_shared_seeds_uses_welch():
+    runs = lane_runs({1: (3.00, 3.02)}, {})
+    other = lane_runs({8: (3.01, 3.05)}, {}).assign(**{"protocol.seed": [5, 6, 0, 1]})
+    found = C.judge(claim(EQUIVALENT), pd.concat([runs, other[other["architecture.arch"] == "tpb"]]), "eval_loss")
+    [pair] = found.pairs
+    # a = (3.00, 3.02): var/n 0.0002/2; b = (3.01, 3.05): 0.0008/2; se = sqrt(0.0005) = 0.02236
+    # Welch df = 0.0005^2 / (0.0001^2 + 0.0004^2) = 1.4706; t(0.95, 1.4706) from scipy
+    from scipy import stats
+    half = stats.t.ppf(0.95, 0.0005 ** 2 / (0.0001 ** 2 + 0.0004 ** 2)) * 0.0005 ** 0.5
+    assert not pair.diff.paired
+    assert (pair.diff.mean, pair.diff.high) == pytest.approx((-0.02, -0.02 + half))
+    assert pair.verdict == C.INCONCLUSIVE and "unpaired (Welch)" in pair.why
 
 
 def test_tp_blocks_equivalence_compares_every_pair_of_counts():
@@ -122,7 +150,8 @@ def test_differs_llama_vs_one_lane():
                          "and the 1 Lane Baseline (sandwich)"), apart, "eval_loss").verdict == C.HOLDS
     found = C.judge(claim("[different hyper parameters explain] the difference between [the Llama Baseline] "
                           "and the 1 Lane Baseline (sandwich)"), same, "eval_loss")
-    assert found.verdict == C.CONTRADICTED and "within 0.03 <= margin 0.05" in found.pairs[0].why
+    # llama - sandwich L1 = 0.01 on both seeds: the 90% interval [0.01, 0.01] sits inside +-0.05
+    assert found.verdict == C.CONTRADICTED and "equivalent: a - b = +0.01" in found.pairs[0].why
 
 
 def test_rises_more_and_wider_spread():
