@@ -6,6 +6,7 @@ architecture=llama with its hidden size solved for the protocol's budget, data=s
 standard-library corpus, BPE 4096):
 
     data_build_s          prepare_data into an empty cache folder (cold: read, train BPE, tokenize, pack)
+    data_build_cpu_s      its CPU time over all threads (the work, whatever else runs: ~12 s measured)
     data_load_s           the same call again (cached: fingerprint + memory-map)
     params, hidden        parameters and solved hidden size of the model
     threads, load_avg     torch intra-op threads of the runs, and the 1-minute load average at the start
@@ -100,9 +101,10 @@ def main(overrides: list[str]) -> None:
     print(f"load_avg: {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as cache:
         data_cfg = DataConfig(**{**data_fields, "cache_dir": cache})
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         prepare_data(data_cfg, train_cfg.context, progress=False)
         print(f"data_build_s: {time.perf_counter() - start:.2f}", flush=True)
+        print(f"data_build_cpu_s: {time.process_time() - cpu:.2f}", flush=True)  # all threads: the work done
         start = time.perf_counter()
         prepare_data(data_cfg, train_cfg.context, progress=False)
         print(f"data_load_s: {time.perf_counter() - start:.3f}", flush=True)

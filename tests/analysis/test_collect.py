@@ -1,11 +1,11 @@
 """MLflow -> pandas on a real SQLite store (tests/analysis/conftest.py fills it)."""
 
 import math
-import time
 
 import pandas as pd
 import pytest
 
+from analysis import collect
 from analysis.collect import (
     AnalysisError,
     attach,
@@ -78,8 +78,9 @@ def test_pivot_and_attach(mlflow_store):
 
 
 @pytest.mark.slow
-def test_histories_fast_for_many_runs(tmp_path):
-    """100 runs x 1000 steps read back in one go (rows written straight into MLflow's metrics table)."""
+def test_histories_of_many_runs_take_one_query_per_chunk_of_runs(tmp_path, monkeypatch):
+    """100 runs x 1000 steps (rows written straight into MLflow's metrics table) read back by one SQL query per
+    CHUNK run ids, never one per run nor through MlflowClient: a count of queries, not a wall-clock bound."""
     import sqlalchemy as sa
     from mlflow import MlflowClient
 
@@ -97,11 +98,28 @@ def test_histories_fast_for_many_runs(tmp_path):
         conn.execute(sa.text("INSERT INTO metrics (key, value, timestamp, run_uuid, step, is_nan) "
                              "VALUES (:key, :value, :timestamp, :run_uuid, :step, :is_nan)"), rows)
     engine.dispose()
-    start = time.perf_counter()
-    hist = metric_histories(ids, ["train_loss"], uri)
-    elapsed = time.perf_counter() - start
+    queries = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        if "FROM metrics" in statement:
+            queries.append(statement)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("histories read run by run through MlflowClient")
+
+    monkeypatch.setattr(MlflowClient, "get_metric_history", refuse)
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", count)
+    try:
+        hist = metric_histories(ids, ["train_loss"], uri)
+        assert len(queries) == 1  # 100 runs < CHUNK
+        monkeypatch.setattr(collect, "CHUNK", 30)
+        queries.clear()
+        chunked = metric_histories(ids, ["train_loss"], uri)
+        assert len(queries) == 4  # ceil(100 / 30)
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", count)
+    pd.testing.assert_frame_equal(chunked, hist)
     assert len(hist) == 100_000
     assert hist.groupby("run_id")["step"].agg(["min", "max", "count"]).drop_duplicates().values.tolist() == [
         [1, 1000, 1000]
     ]
-    assert elapsed < 5.0, f"{elapsed:.2f} s for 100 runs x 1000 steps"

@@ -1,8 +1,9 @@
 """Fixtures for the real services started by .ci/slurm.sh, .ci/postgres.sh and .ci/chromium.sh.
 
 A fixture skips its test with the reason when its service is not up, unless the service is named in
-TPB_REQUIRE_SERVICES (comma list of slurm, postgres, browser; or "all"), in which case it fails:
-CI sets it so that a dead service can never turn into a silent skip.
+TPB_REQUIRE_SERVICES (comma list of slurm, postgres, browser, mount (root may mount a tmpfs: the disk-full
+tests); or "all"), in which case it fails: CI sets it so that a dead service can never turn into a silent
+skip (and tests/conftest.py then turns any other skip of a test not marked gpu into a failure).
 """
 
 import json
@@ -37,6 +38,12 @@ def service_unavailable(service: str, reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def service_guard():
+    """service_unavailable for test modules (they cannot import this conftest): guard(service, reason)."""
+    return service_unavailable
+
+
+@pytest.fixture(scope="session")
 def slurm_node() -> str:
     """Name of the single Slurm node, once sinfo shows it usable and sacct answers."""
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
@@ -65,9 +72,12 @@ def pg_url() -> str:
         if not url_file.is_file():
             service_unavailable("postgres", f"{url_file} absent (run .ci/postgres.sh)")
         url = url_file.read_text().strip()
-    sqlalchemy = pytest.importorskip("sqlalchemy")
-    pytest.importorskip("psycopg2")
-    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5})
+    import sqlalchemy
+
+    try:  # creating the engine imports the URL's driver
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5})
+    except ImportError as err:  # through the guard: never a silent importorskip
+        service_unavailable("postgres", f"the driver of {url} is not installed ({err}): pip install -e '.[postgres]'")
     try:
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT 1"))
@@ -247,6 +257,39 @@ def compose():
             return hydra_compose("config", overrides=list(overrides))
 
     return make
+
+
+def shipped_postgresql(compose, pg_url: str, database: str | None = None) -> str:
+    """The URL of the shipped conf/tracking/postgresql.yaml (`tracking=postgresql`, composed as a user's command
+    composes it) with only the host, port and credentials of the test server put in: its driver and database
+    name stay as shipped (database: another one, for a second store such as an Optuna storage)."""
+    import sqlalchemy
+
+    shipped = sqlalchemy.engine.make_url(compose(["tracking=postgresql"]).tracking.uri)
+    server = sqlalchemy.engine.make_url(pg_url)
+    url = shipped.set(host=server.host, port=server.port, username=server.username, password=server.password)
+    if database is not None:
+        url = url.set(database=database)
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def pg_shipped(compose, pg_url: str):
+    """(MLflow URL, Optuna URL) from the shipped tracking=postgresql: its database (new, empty, dropped afterwards)
+    and a second one for Optuna's storage (both keep their schema version in alembic_version)."""
+    import sqlalchemy
+
+    urls = (shipped_postgresql(compose, pg_url), shipped_postgresql(compose, pg_url, "optuna"))
+    names = [sqlalchemy.engine.make_url(url).database for url in urls]
+    admin = sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    for name in names:
+        drop_database(admin, name)  # left by an interrupted run
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    yield urls
+    for name in names:
+        drop_database(admin, name)
+    admin.dispose()
 
 
 def pg_database_url(pg_url: str, name: str) -> str:

@@ -243,16 +243,17 @@ def test_checkpoint_folder_that_is_a_file_fails_the_run_clearly_and_loses_nothin
 
 
 @pytest.fixture(scope="module")
-def disk_full(orch, compose, tmp_path_factory) -> dict:
+def disk_full(orch, compose, tmp_path_factory, service_guard) -> dict:
     """One run whose checkpoint folder is a 64 KiB tmpfs (a ~440 KB checkpoint does not fit), then the same
-    command again with the folder back on the normal disk. Needs root and mount permission (skipped otherwise)."""
+    command again with the folder back on the normal disk. Needs root and mount permission: the service `mount`
+    of TPB_REQUIRE_SERVICES (skipped without it, failed when it is required)."""
     cwd = tmp_path_factory.mktemp("diskfull")
     mount = cwd / "full"
     mount.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
                           text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+        service_guard("mount", f"cannot mount a small tmpfs here: {done.stderr.strip()}")
     uri, args = orch.sqlite_uri(cwd), ["name=diskfull", *orch.TINY, *orch.LOCAL]
     run_dir = cwd / "runs" / "diskfull" / run_key(compose, args)
     run_dir.mkdir(parents=True)

@@ -1,6 +1,10 @@
 """MLflow tracking and Optuna storage on the real PostgreSQL server of .ci/postgres.sh, through
 `python -m orchestrator` (local jobs): every run, param and metric row lands in PostgreSQL, nothing in a
-local SQLite file, and a re-run reads PostgreSQL to skip what finished."""
+local SQLite file, and a re-run reads PostgreSQL to skip what finished.
+
+Both tests use the shipped `tracking=postgresql` (conf/tracking/postgresql.yaml) as a user would, with only
+the host, port and credentials of the test server put into its URL (conftest's pg_shipped): a shipped URL
+whose driver the `postgres` extra does not install fails here."""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 SWEEP = ("-m", "name=pg_sweep", "architecture=llama,burger", "architecture.lane_count=2")
 
 
-def test_sweep_tracks_into_postgresql_and_a_rerun_skips_from_it(orch, pg_fresh_url, tmp_path):
-    args = [*SWEEP, *orch.TINY, *orch.LOCAL, f"tracking.uri={pg_fresh_url}"]
+def test_sweep_tracks_into_postgresql_and_a_rerun_skips_from_it(orch, pg_shipped, tmp_path):
+    pg_fresh_url, _ = pg_shipped
+    args = [*SWEEP, *orch.TINY, *orch.LOCAL, "tracking=postgresql", f"tracking.uri={pg_fresh_url}"]
     first = orch.run(args, tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "postgresql" in first.stdout and not (tmp_path / "mlflow.db").exists()
@@ -35,13 +40,13 @@ def test_sweep_tracks_into_postgresql_and_a_rerun_skips_from_it(orch, pg_fresh_u
     assert len(orch.runs(pg_fresh_url, "pg_sweep")) == 2
 
 
-def test_optuna_study_keeps_its_trials_in_postgresql(orch, pg_fresh_pair, tmp_path):
+def test_optuna_study_keeps_its_trials_in_postgresql(orch, pg_shipped, tmp_path):
     """An Optuna study (ask/tell in the parent, intermediate losses reported by the jobs for the pruner)
     with its storage and its MLflow runs in two PostgreSQL databases."""
     import optuna
 
-    mlflow_url, optuna_url = pg_fresh_pair
-    args = ["+study=delayed_comm_tpe", "-m", "study.n_trials=2", "study.n_parallel=2",
+    mlflow_url, optuna_url = pg_shipped
+    args = ["+study=delayed_comm_tpe", "-m", "study.n_trials=2", "study.n_parallel=2", "tracking=postgresql",
             f"study.storage={optuna_url}", f"tracking.uri={mlflow_url}", "study.pruner.report_every=2",
             "protocol.steps=6", "protocol.context=32", "protocol.batch_tokens=256", "protocol.micro_batch=8",
             "protocol.eval_every=2", "protocol.eval_batches=1", "protocol.ckpt_every=3",

@@ -179,3 +179,16 @@ def test_chromium_screenshot_has_requested_size(chromium, local_site, tmp_path):
     header = shot.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", header[16:24]) == (640, 360)
+
+
+def test_shipped_postgresql_config_names_a_driver_the_postgres_extra_installs(compose):
+    """No server needed: the URL of `tracking=postgresql` loads its SQLAlchemy dialect and driver (a bare
+    postgresql:// means psycopg 3 to SQLAlchemy 2.1, while the extra installs psycopg2), and MLflow reads it
+    as a PostgreSQL store."""
+    import sqlalchemy
+    from mlflow.utils.uri import extract_db_type_from_uri
+
+    uri = compose(["tracking=postgresql"]).tracking.uri
+    url = sqlalchemy.engine.make_url(uri)
+    assert url.get_dialect().import_dbapi() is not None  # ImportError if the driver is missing
+    assert extract_db_type_from_uri(uri) == "postgresql"

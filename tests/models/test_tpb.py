@@ -12,6 +12,9 @@ from models.tpb import LaneLayer, add_to_own_slice
 from tests.models.tpb_oracle import LoopTPB, randomize
 
 B, T, VOCAB = 2, 12, 61
+ORACLE_ATOL = 1e-10
+"""float64 batched model vs the independent loop oracle: rounding is ~1e-13 here (measured worst: see the
+test), while a real error (a RoPE theta off by 1.5x, one message of the schedule dropped) is >= 1e-3."""
 
 COMMS = {  # name -> ModelConfig overrides (lane_depth 4)
     "none": {},
@@ -40,13 +43,16 @@ def test_batched_lanes_equal_loop_oracle(recipe, comm, n_classic_layers):
     cfg = tpb_config(recipe, n_classic_layers, **COMMS[comm])
     model = build_model(cfg)
     randomize(model)
+    model.double()  # float64: a real error cannot hide in rounding, and rounding cannot fail a correct model
     oracle = LoopTPB(model)
     idx = torch.randint(0, VOCAB, (B, T))
     with torch.no_grad():
         batched, looped = model(idx), oracle(idx)
-    assert batched.shape == (B, T, VOCAB)
+        loss, looped_loss = model(idx[:, :-1], idx[:, 1:]), oracle(idx[:, :-1], idx[:, 1:])
+    assert batched.shape == (B, T, VOCAB) and batched.dtype == looped.dtype == torch.float64
     assert batched.abs().max() > 1e-2  # the comparison is not between two near-zero tensors
-    torch.testing.assert_close(batched, looped, rtol=0, atol=1e-5)
+    torch.testing.assert_close(batched, looped, rtol=0, atol=ORACLE_ATOL)
+    torch.testing.assert_close(loss, looped_loss, rtol=0, atol=ORACLE_ATOL)
 
 
 def test_communication_changes_the_output():

@@ -1,7 +1,6 @@
 import json
 import multiprocessing
 import sysconfig
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,16 @@ from trainers.data import (
 from trainers.tokenizer import EOS, bpe_tokenizer, train_bpe
 
 SMALL = {"vocab_size": 512, "test_tokens": 1000}
+
+
+def refuse_to_build(monkeypatch) -> None:
+    """Make reading the corpus or building a cache raise: a cache hit must do neither (a count of zero, where a
+    wall-clock bound would depend on the machine's load)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cache hit read the corpus or built the cache")
+
+    monkeypatch.setattr(data_module, "load_corpus", refuse)
+    monkeypatch.setattr(data_module, "_build", refuse)
 
 
 def stdlib_text(*names: str) -> list[str]:
@@ -151,7 +160,7 @@ def test_test_split_is_random_whole_documents_and_train_is_packed_shuffled(tmp_p
     assert sorted(documents(other.train, eos) + documents(other.test, eos)) == sorted(ref)
 
 
-def test_data_seed_enters_the_fingerprint_and_an_unchanged_config_reuses_the_cache(tmp_path: Path, files):
+def test_data_seed_enters_the_fingerprint_and_an_unchanged_config_reuses_the_cache(tmp_path: Path, files, monkeypatch):
     names, _ = files
     zero = prepare_data(files_cfg(tmp_path, names), context=32, progress=False)
     one = prepare_data(files_cfg(tmp_path, names, seed=1), context=32, progress=False)
@@ -159,9 +168,9 @@ def test_data_seed_enters_the_fingerprint_and_an_unchanged_config_reuses_the_cac
     assert json.loads((one.path / "meta.json").read_text())["description"]["seed"] == 1
     assert not (np.array_equal(one.train, zero.train) and np.array_equal(one.test, zero.test))
     built = (zero.path / "train.npy").stat().st_mtime_ns
-    start = time.perf_counter()
-    warm = prepare_data(files_cfg(tmp_path, names), context=32, progress=False)
-    assert time.perf_counter() - start < 0.5
+    with monkeypatch.context() as patch:
+        refuse_to_build(patch)
+        warm = prepare_data(files_cfg(tmp_path, names), context=32, progress=False)
     assert warm.path == zero.path and (zero.path / "train.npy").stat().st_mtime_ns == built
     assert np.array_equal(warm.train, zero.train) and np.array_equal(warm.test, zero.test)
     # reshuffle only changes the loader's order: same cache folder
@@ -230,13 +239,13 @@ def test_hub_code_path_on_a_local_dataset_folder(tmp_path: Path, monkeypatch, fi
         prepare_data(DataConfig(**{**cfg.__dict__, "text_field": "body"}), context=32, progress=False)
 
 
-def test_cache_hit_is_fast_and_identical_and_a_changed_file_rebuilds(tmp_path: Path, files):
+def test_cache_hit_builds_nothing_is_identical_and_a_changed_file_rebuilds(tmp_path: Path, files, monkeypatch):
     names, _ = files
     cfg = files_cfg(tmp_path, names)
     cold = prepare_data(cfg, context=32, progress=False)
-    start = time.perf_counter()
-    warm = prepare_data(cfg, context=32, progress=False)
-    assert time.perf_counter() - start < 0.5
+    with monkeypatch.context() as patch:  # the hit only fingerprints and memory-maps (its time: benchmarks/trainer.py)
+        refuse_to_build(patch)
+        warm = prepare_data(cfg, context=32, progress=False)
     assert warm.path == cold.path and warm.fingerprint == cold.fingerprint
     assert np.array_equal(warm.train, cold.train) and np.array_equal(warm.test, cold.test)
     assert isinstance(warm.train, np.memmap)
@@ -360,18 +369,14 @@ def test_config_rejects_negative_limits_and_bad_order_settings():
 
 
 @pytest.mark.slow
-def test_embedded_default_builds_cold_in_well_under_a_minute(tmp_path: Path):
+def test_embedded_default_builds_the_documented_corpus_and_a_hit_builds_nothing(tmp_path: Path, monkeypatch):
+    """Its build and load times are figures of benchmarks/trainer.py (data_build_s, data_build_cpu_s,
+    data_load_s), not assertions: they depend on the machine and its load."""
     cfg = DataConfig(cache_dir=str(tmp_path))
-    start, cpu = time.perf_counter(), time.process_time()
     cold = prepare_data(cfg, context=128, progress=False)
-    build_s, build_cpu_s = time.perf_counter() - start, time.process_time() - cpu
-    start = time.perf_counter()
-    warm = prepare_data(cfg, context=128, progress=False)
-    load_s = time.perf_counter() - start
-    print(f"data_build_s: {build_s:.2f} (cpu {build_cpu_s:.2f})\ndata_load_s: {load_s:.4f}\n"
-          f"train_tokens: {len(cold.train)}")
-    # cpu time (all threads) is the work done, whatever else runs on the machine: about 12 s measured
-    assert build_cpu_s < 30 and build_s < 60 and load_s < 0.5
+    with monkeypatch.context() as patch:
+        refuse_to_build(patch)
+        warm = prepare_data(cfg, context=128, progress=False)
     assert cold.vocab_size == 4096 and cold.train.dtype == np.uint16
     assert 65536 <= len(cold.test) < 200_000 and len(cold.train) > 2_000_000
     assert np.array_equal(cold.train[:1000], warm.train[:1000])
