@@ -10,7 +10,7 @@ A pair compares two groups of runs (the seeds of one setting). On the final esti
     band      [min, max] over the group's runs; n = the number of runs
     d_end     equation 12 at the end: -(min(max_a, max_b) - max(min_a, min_b)); > 0: the bands are apart
     widest    the largest difference any two runs show: max(max_a - min_b, max_b - min_a)
-    stays > 0 from step ...  the separation step of eq. 12 on the per-step estimate (analysis.variance)
+    stays > 0 from step ...  the separation step of eq. 12 on the per-step estimate (analysis.extremum)
 
 Verdict of a pair, per relation:
 
@@ -43,7 +43,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.collect import AnalysisError
-from analysis.variance import extremum_distance, separation_step
+from analysis.extremum import extremum_distance, separation_step
 
 HOLDS, CONTRADICTED, INCONCLUSIVE, NOT_JUDGED = "holds", "contradicted", "inconclusive", "not judged"
 RELATIONS = ("a < b", "increasing in x", "decreasing in x", "equivalent", "differs", "rises more",

@@ -1,4 +1,7 @@
-"""Accelerators for the decode-time model (report section 3): memory bandwidth, compute, t_sync.
+"""Accelerators: memory bandwidth, compute, t_sync. The one device table of the project: the decode-time
+model (report section 3, analysis.decode; the dry run's predicted speed-up) and the trainer's MFU
+(trainers/loop.py peak_flops, through peak_flops_of) both read it. Standard library only, so the
+trainer imports it without analysis's heavy dependencies.
 
 Figures are the vendors' peak numbers for one device (one package for the AMD MI250X, which holds
 two dies). `flops` is dense (no sparsity) bf16 matrix throughput, fp16 on the V100 (no bf16).
@@ -27,12 +30,16 @@ class Device:
     """Peak dense bf16 matrix FLOP/s (fp16 for the V100), alpha in the report."""
     t_sync_s: float = 5e-6
     """Time of one synchronisation between devices (report eq. 7)."""
+    dies: int = 1
+    """Dies in the package, each shown by torch as a device of its own (2 for the MI250X)."""
 
     def __post_init__(self) -> None:
         for field in ("mem_bw_bytes_per_s", "flops", "t_sync_s"):
             value = getattr(self, field)
             if not value >= 0 or (field != "t_sync_s" and value == 0):
                 raise ValueError(f"{self.name}: {field}={value!r} must be positive")
+        if not isinstance(self.dies, int) or self.dies < 1:
+            raise ValueError(f"{self.name}: dies={self.dies!r} must be a positive integer")
 
 
 DEVICES: dict[str, Device] = {
@@ -42,8 +49,10 @@ DEVICES: dict[str, Device] = {
         Device("A100", mem_bw_bytes_per_s=2.0e12, flops=312e12),  # the report's 2 TB/s (80 GB SXM)
         Device("H100", mem_bw_bytes_per_s=3.9e12, flops=989e12),  # the report's 3.9 TB/s (see above)
         Device("H200", mem_bw_bytes_per_s=4.8e12, flops=989e12),
-        Device("MI250X", mem_bw_bytes_per_s=3.2768e12, flops=383e12),  # whole package (2 dies)
+        Device("MI250X", mem_bw_bytes_per_s=3.2768e12, flops=383e12, dies=2),  # whole package (2 dies)
         Device("MI300A", mem_bw_bytes_per_s=5.3e12, flops=980.6e12),
+        Device("L40", mem_bw_bytes_per_s=0.864e12, flops=181e12),
+        Device("A10", mem_bw_bytes_per_s=0.6e12, flops=125e12),
     )
 }
 
@@ -60,3 +69,14 @@ def get_device(name: str, **overrides: float) -> Device:
         raise ValueError(f"unknown device field(s) {sorted(unknown)}; allowed: {sorted(fields)}")
     given = {key: value for key, value in overrides.items() if value is not None}
     return dataclasses.replace(device, **given)
+
+
+def peak_flops_of(accelerator: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one torch device, from its name as torch gives it
+    (torch.cuda.get_device_name: "NVIDIA H100 80GB HBM3", "AMD Instinct MI250X"): the table entry whose
+    name it contains, the longest such name first (A100 before A10), divided by its dies; None if none."""
+    found = [d for d in DEVICES.values() if d.name.lower() in accelerator.lower()]
+    if not found:
+        return None
+    device = max(found, key=lambda d: len(d.name))
+    return device.flops / device.dies

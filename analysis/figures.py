@@ -27,8 +27,8 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from analysis import estimates
 from analysis.collect import AnalysisError, attach
+from analysis.extremum import distances_within, separation_step
 from analysis.ranking import config_names, pareto_mask
-from analysis.variance import distances_within, separation_step
 
 RECIPE_COLORS = {"sandwich": "tab:blue", "burger": "tab:orange"}
 BASELINE_STYLES = {"llama": ("black", "--"), "gpt2": ("tab:gray", ":")}
@@ -165,13 +165,16 @@ def fig18_lane_count(runs: pd.DataFrame, path, metric: str = estimates.DEFAULT, 
 
 
 def lane_aspect_ratio(runs: pd.DataFrame) -> pd.Series:
-    """lane_hidden / lane_depth (lane_hidden from its param, else from hidden, lane_count, recipe)."""
+    """lane_hidden / lane_depth (lane_hidden from its param, else from hidden, lane_count, recipe and arch,
+    as ModelConfig.lane_hidden: hidden / lane_count for a sandwich, hidden otherwise)."""
     _need(runs, ["architecture.lane_depth"], "aspect ratio")
     if "lane_hidden" in runs:
         hidden = runs["lane_hidden"].astype(float)
     else:
         _need(runs, ["architecture.hidden", "architecture.lane_count", "architecture.recipe"], "aspect ratio")
         split = runs["architecture.recipe"] == "sandwich"
+        if "architecture.arch" in runs:
+            split &= runs["architecture.arch"] == "tpb"  # a llama / gpt2 row carries recipe=sandwich too
         hidden = runs["architecture.hidden"] / runs["architecture.lane_count"].where(split, 1)
     return hidden / runs["architecture.lane_depth"]
 

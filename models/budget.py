@@ -2,8 +2,10 @@
 
 Every field of the config is a fixed choice of the sweep except `hidden` (for sandwich that
 means the lane hidden size, since hidden = lane_count x lane_hidden) and, unless fit="hidden", the
-FFN widths `ffn_dim` / `lane_ffn_dim` (models/config.py; 0 there = round(multiplier x width)). The valid hidden sizes are the multiples of one step, the least common multiple of what the
-divisibility rules ask:
+FFN widths `ffn_dim` / `lane_ffn_dim` (models/config.py; 0 there = round(multiplier x width)). The
+config's own `hidden` is never read: None there says "to be solved" (orchestrator/config.py sets it
+whenever a run has a budget). The valid hidden sizes are the multiples of one step, the least
+common multiple of what the divisibility rules ask (hidden_step, their one home):
 
     llama              : 2 x n_heads                       (heads divide H, even head dim for RoPE)
     gpt2               : n_heads                           (heads divide H)
@@ -179,6 +181,8 @@ def _ratio_distance(solved: Solved) -> float:
 
 def solve(cfg: ModelConfig, budget: int, tolerance: float, fit: str = "ffn") -> Solved:
     """Return cfg solved for `budget` (fit: "ffn", "lane_ffn" or "hidden", see the module docstring).
+
+    cfg.hidden is ignored (None = to be solved); the returned config has one.
 
     Raises BudgetError when no candidate deviates by at most `tolerance`; the message gives the
     nearest shapes on both sides of the budget.

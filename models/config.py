@@ -13,7 +13,10 @@ round(lane_ffn_mult * h) (lanes); 0 means "from the multiplier", which stays the
 
 The budget solver (models/budget.py) changes `hidden` (or `lane_hidden` for sandwich, through
 `hidden = lane_count * lane_hidden`) and then, unless budget_fit=hidden, the FFN widths `ffn_dim` /
-`lane_ffn_dim`; every other field is a fixed choice of the sweep.
+`lane_ffn_dim`; every other field is a fixed choice of the sweep. `hidden=None` says "to be solved":
+such a config is validated for everything that does not depend on the hidden size and is only an
+input of the solver (models.budget.solve), which returns it with a hidden size; the model
+builders and the derived widths (d_ffn, lane_hidden, ...) need one.
 """
 
 from __future__ import annotations
@@ -30,16 +33,19 @@ def _positive(name: str, value: int) -> None:
         raise ValueError(f"{name}={value!r}: must be a positive integer (>= 1)")
 
 
-def _heads_fit(prefix: str, hidden: int, heads: int, kv_heads: int, rope: bool) -> None:
-    """Heads divide the hidden size, KV heads divide the heads, RoPE needs an even head dim."""
-    if hidden % heads:
+def _heads_fit(prefix: str, hidden: int | None, heads: int, kv_heads: int, rope: bool) -> None:
+    """Heads divide the hidden size, KV heads divide the heads, RoPE needs an even head dim.
+
+    hidden=None (to be solved) checks the KV heads only: the solver picks a hidden size that keeps
+    the other two rules (models.budget.hidden_step)."""
+    if hidden is not None and hidden % heads:
         raise ValueError(
             f"{prefix}heads={heads} does not divide the hidden size {hidden}: "
             f"choose heads among the divisors of {hidden} or another hidden size"
         )
     if heads % kv_heads:
         raise ValueError(f"{prefix}kv_heads={kv_heads}: must divide {prefix}heads={heads}")
-    if rope and (hidden // heads) % 2:
+    if hidden is not None and rope and (hidden // heads) % 2:
         raise ValueError(
             f"{prefix}heads={heads} with hidden {hidden} gives an odd head dimension "
             f"{hidden // heads}: rotary embeddings need an even head dimension"
@@ -51,8 +57,9 @@ class ModelConfig:
     arch: str = "llama"
     """llama | gpt2 | tpb (hybrid Tensor Parallel Block model)."""
     vocab_size: int = 4096
-    hidden: int = 256
-    """Model hidden size H (embedding, classic layers). Sandwich lanes work at H / lane_count."""
+    hidden: int | None = 256
+    """Model hidden size H (embedding, classic layers). Sandwich lanes work at H / lane_count.
+    None = to be solved for a parameter budget (models.budget.solve); a model needs a number."""
     n_layers: int = 4
     """Decoder layers of llama / gpt2 (unused by tpb, which uses tp_blocks x (lanes + classic))."""
     n_heads: int = 4
@@ -74,11 +81,24 @@ class ModelConfig:
     recipe: str = "sandwich"
     """sandwich (split / concatenate) | burger (broadcast / sample + concatenate)."""
     lane_count: int = 4
+    """Number of parallel lanes L in a Tensor Parallel Block (report section 4.1: lane_count). Lanes do not
+    synchronise between prepare and merge (only delayed messages, see comm), so at inference L = G x k lanes
+    spread over G devices; sandwich lanes work at hidden / L, burger lanes at hidden (table 3)."""
     lane_depth: int = 3
+    """Depth D of each lane: decoder layers one lane applies in sequence between prepare and merge
+    (section 4.1: n_layers_lane / lane_depth)."""
     tp_blocks: int = 1
+    """Tensor Parallel Blocks repeated along the depth, each followed by n_classic_layers dense layers
+    (section 4.3: TP_block_repetition); one synchronisation per block at decode (eq. 10)."""
     n_classic_layers: int = 1
+    """Classic dense decoder layers at the model hidden size after each TP block (section 4.3: block mixing);
+    0 = lanes only. They use n_heads / n_kv_heads / ffn_mult and add 2 synchronisations each (eq. 10)."""
     lane_heads: int = 4
+    """Attention heads of each lane layer; they divide lane_hidden (hidden / L for sandwich, hidden for
+    burger) with an even head dimension for RoPE."""
     lane_kv_heads: int = 1
+    """KV heads of each lane layer (grouped-query attention); must divide lane_heads. Every lane keeps its
+    own KV cache."""
     lane_ffn_mult: float = 2.0
     """d_ffn of a lane layer = round(lane_ffn_mult * lane_hidden), unless lane_ffn_dim is set."""
     lane_ffn_dim: int = 0
@@ -86,6 +106,10 @@ class ModelConfig:
 
     # --- delayed communication between lanes (report section 4.2) ---
     comm: bool = False
+    """Delayed communication between lanes (section 4.2): starting at lane depth comm_start and every
+    comm_interleave + 1 layers, each lane broadcasts its hidden states, received comm_length layers deeper
+    by every other lane (summed, or averaged with comm_reduction=mean, then RMSNorm). Needs lane_count >= 2;
+    off = lanes exchange nothing until the merge."""
     comm_start: int = 0
     """First lane depth (0-based layer index) whose output is sent to the other lanes."""
     comm_interleave: int = 0
@@ -99,12 +123,13 @@ class ModelConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"arch={self.arch!r}: unknown architecture, allowed: {', '.join(ARCHS)}")
         for name in ("vocab_size", "hidden", "n_heads", "n_kv_heads", "max_seq_len"):
-            _positive(name, getattr(self, name))
+            if name != "hidden" or self.hidden is not None:  # None: to be solved
+                _positive(name, getattr(self, name))
         for name in ("ffn_dim", "lane_ffn_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 0 (0 = from the multiplier)")
-        if self.ffn_mult <= 0 or self.d_ffn < 1:
+        if self.ffn_mult <= 0 or (self.hidden is not None and self.d_ffn < 1):
             raise ValueError(f"ffn_mult={self.ffn_mult}: must give d_ffn = round(ffn_mult * hidden) >= 1")
         if self.comm_reduction not in REDUCTIONS:
             raise ValueError(f"comm_reduction={self.comm_reduction!r}: allowed: {', '.join(REDUCTIONS)}")
@@ -123,16 +148,17 @@ class ModelConfig:
             _positive(name, getattr(self, name))
         if not isinstance(self.n_classic_layers, int) or self.n_classic_layers < 0:
             raise ValueError(f"n_classic_layers={self.n_classic_layers!r}: must be an integer >= 0")
-        if self.lane_ffn_mult <= 0 or self.lane_d_ffn < 1:
+        if self.lane_ffn_mult <= 0 or (self.hidden is not None and self.lane_d_ffn < 1):
             raise ValueError(
                 f"lane_ffn_mult={self.lane_ffn_mult}: must give round(lane_ffn_mult * lane_hidden) >= 1"
             )
-        if self.hidden % self.lane_count:
+        if self.hidden is not None and self.hidden % self.lane_count:
             raise ValueError(
                 f"lane_count={self.lane_count} does not divide hidden={self.hidden}: "
                 f"the {self.recipe} recipe needs hidden to be a multiple of lane_count"
             )
-        _heads_fit("lane_", self.lane_hidden, self.lane_heads, self.lane_kv_heads, rope=True)
+        lane_hidden = None if self.hidden is None else self.lane_hidden
+        _heads_fit("lane_", lane_hidden, self.lane_heads, self.lane_kv_heads, rope=True)
         if self.n_classic_layers:
             _heads_fit("n_", self.hidden, self.n_heads, self.n_kv_heads, rope=True)
         if self.comm:
@@ -157,8 +183,11 @@ class ModelConfig:
 
     @property
     def lane_hidden(self) -> int:
-        """Width of a lane layer: H / L for sandwich, H for burger."""
-        return self.hidden // self.lane_count if self.recipe == "sandwich" else self.hidden
+        """Width of a lane layer: H / L for sandwich, H for burger; H for llama / gpt2, whose one "lane" is
+        the whole model (so callers need no special case for the dense baselines)."""
+        if self.arch == "tpb" and self.recipe == "sandwich":
+            return self.hidden // self.lane_count
+        return self.hidden
 
     @property
     def lane_d_ffn(self) -> int:
@@ -167,8 +196,10 @@ class ModelConfig:
 
     @property
     def lane_out(self) -> int:
-        """Features a lane's FFN W3 writes: lane_hidden (sandwich) or H / L (burger)."""
-        return self.lane_hidden if self.recipe == "sandwich" else self.hidden // self.lane_count
+        """Features a lane's FFN W3 writes: lane_hidden (sandwich; llama / gpt2: H) or H / L (burger)."""
+        if self.arch == "tpb" and self.recipe == "burger":
+            return self.hidden // self.lane_count
+        return self.lane_hidden
 
     @property
     def comm_period(self) -> int:
@@ -191,7 +222,7 @@ class ModelConfig:
     def label(self) -> str:
         """Short readable name, e.g. burger-L4-d12-b1-c1."""
         if self.arch != "tpb":
-            return f"{self.arch}-H{self.hidden}-n{self.n_layers}"
+            return f"{self.arch}-H{'?' if self.hidden is None else self.hidden}-n{self.n_layers}"
         name = f"{self.recipe}-L{self.lane_count}-d{self.lane_depth}-b{self.tp_blocks}-c{self.n_classic_layers}"
         if self.comm:
             name += f"-s{self.comm_start}i{self.comm_interleave}l{self.comm_length}"

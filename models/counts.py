@@ -181,7 +181,7 @@ def describe(cfg: ModelConfig, context: int | None = None) -> dict[str, int | fl
         "params_non_embedding": params - embedding_params(cfg),
         "ffn_ratio": ffn_ratio(cfg),
         "hidden": cfg.hidden,
-        "lane_hidden": cfg.lane_hidden if cfg.arch == "tpb" else cfg.hidden,
+        "lane_hidden": cfg.lane_hidden,
         "depth": cfg.depth,
         "syncs": sync_count(cfg),
         "weight_bytes": weight_bytes(cfg),

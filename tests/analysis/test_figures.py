@@ -6,11 +6,11 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
-from analysis import figures as F
+from analysis import figures
 from analysis.collect import AnalysisError
 
 
-def check_png(plot: F.Plot, series: int) -> None:
+def check_png(plot: figures.Plot, series: int) -> None:
     assert plot.series == series
     assert plot.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot.path.stat().st_size > 10_000  # axes, labels and lines, not an empty canvas
@@ -50,16 +50,16 @@ def lane_runs():
 
 
 def test_fig18_lane_count_with_baselines(lane_runs, tmp_path):
-    check_png(F.fig18_lane_count(lane_runs, tmp_path / "fig18.png"), 3)  # sandwich, burger, llama
+    check_png(figures.fig18_lane_count(lane_runs, tmp_path / "fig18.png"), 3)  # sandwich, burger, llama
     with_gpt2 = pd.concat([lane_runs, pd.DataFrame([baseline("gpt2", 0, 3.4)])], ignore_index=True)
-    check_png(F.fig18_lane_count(with_gpt2, tmp_path / "fig18b.png"), 4)
+    check_png(figures.fig18_lane_count(with_gpt2, tmp_path / "fig18b.png"), 4)
     sandwich_only = lane_runs[lane_runs["architecture.recipe"] == "sandwich"]
-    check_png(F.fig18_lane_count(sandwich_only, tmp_path / "fig18c.png"), 2)  # llama rows carry recipe too
+    check_png(figures.fig18_lane_count(sandwich_only, tmp_path / "fig18c.png"), 2)  # llama rows carry recipe too
 
 
 def test_fig18_without_tpb_runs_is_a_clear_error(lane_runs, tmp_path):
     with pytest.raises(AnalysisError, match="no tpb run"):
-        F.fig18_lane_count(lane_runs[lane_runs["architecture.arch"] == "llama"], tmp_path / "x.png")
+        figures.fig18_lane_count(lane_runs[lane_runs["architecture.arch"] == "llama"], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
@@ -67,19 +67,19 @@ def test_fig19_aspect_ratio_numbers_and_plot(tmp_path):
     runs = pd.DataFrame([tpb("sandwich", 0, 3.3, depth=8), tpb("sandwich", 0, 3.2, depth=16),
                          tpb("burger", 0, 3.5, depth=8), tpb("burger", 1, 3.6, depth=8)])
     # sandwich: 256 / 4 lanes = 64 wide, / depth 8 = 8.0 and / 16 = 4.0; burger: 256 / 8 = 32.0
-    assert F.lane_aspect_ratio(runs).tolist() == [8.0, 4.0, 32.0, 32.0]
-    assert F.lane_aspect_ratio(runs.drop(columns="lane_hidden")).tolist() == [8.0, 4.0, 32.0, 32.0]
-    check_png(F.fig19_aspect_ratio(runs, tmp_path / "fig19.png"), 2)
+    assert figures.lane_aspect_ratio(runs).tolist() == [8.0, 4.0, 32.0, 32.0]
+    assert figures.lane_aspect_ratio(runs.drop(columns="lane_hidden")).tolist() == [8.0, 4.0, 32.0, 32.0]
+    check_png(figures.fig19_aspect_ratio(runs, tmp_path / "fig19.png"), 2)
 
 
 def test_fig20_fig21(tmp_path):
     runs = pd.DataFrame([tpb(r, s, 3.2 + 0.01 * b + 0.02 * s, depth=12 // b, blocks=b)
                          for r, b, s in itertools.product(["sandwich", "burger"], [1, 2, 3, 4], [0, 1])])
-    check_png(F.fig20_tp_blocks(runs, tmp_path / "fig20.png"), 2)
+    check_png(figures.fig20_tp_blocks(runs, tmp_path / "fig20.png"), 2)
     runs = pd.DataFrame([tpb(r, 0, 3.2 + 0.05 * c, depth=3, blocks=4, classic=c)
                          for r, c in itertools.product(["sandwich", "burger"], [1, 2, 3, 4])])
     runs = pd.concat([runs, pd.DataFrame([baseline("llama", 0, 3.1)])], ignore_index=True)
-    check_png(F.fig21_classic_layers(runs, tmp_path / "fig21.png"), 3)
+    check_png(figures.fig21_classic_layers(runs, tmp_path / "fig21.png"), 3)
 
 
 def test_fig16_dataset_size(tmp_path):
@@ -89,14 +89,14 @@ def test_fig16_dataset_size(tmp_path):
         rows.append({"run_id": f"{label}{steps}{repeat}", "label": label, "protocol.steps": steps,
                      "protocol.batch_tokens": 1_000_000, "train_loss": 3.0 - steps / 1e4 + 0.01 * repeat})
     runs = pd.DataFrame(rows)
-    assert F.run_tokens(runs).tolist()[:2] == [2e9, 4e9]
-    check_png(F.fig16_dataset_size(runs, tmp_path / "fig16.png", metric="train_loss"), 2)
+    assert figures.run_tokens(runs).tolist()[:2] == [2e9, 4e9]
+    check_png(figures.fig16_dataset_size(runs, tmp_path / "fig16.png", metric="train_loss"), 2)
 
 
 def test_fig17a_lr_range(tmp_path):
     runs = pd.DataFrame([{"run_id": f"lr{lr}", "protocol.lr": lr, "train_loss": 3 + lr * 100}
                          for lr in (3e-4, 1e-3, 3e-3)])
-    check_png(F.fig17a_lr_range(runs, curves(runs), tmp_path / "fig17a.png"), 3)
+    check_png(figures.fig17a_lr_range(runs, curves(runs), tmp_path / "fig17a.png"), 3)
 
 
 @pytest.fixture
@@ -109,17 +109,17 @@ def variance_runs():
 
 def test_fig17_variance_zoom_and_distance(variance_runs, tmp_path):
     history = curves(variance_runs, steps=40)
-    check_png(F.fig17b_variance(variance_runs, history, tmp_path / "b.png"), 4)
-    check_png(F.fig17c_variance_zoom(variance_runs, history, tmp_path / "c.png"), 4)
-    check_png(F.fig17d_extremum_distance(variance_runs, history, tmp_path / "d.png"), 2)  # one per schedule
+    check_png(figures.fig17b_variance(variance_runs, history, tmp_path / "b.png"), 4)
+    check_png(figures.fig17c_variance_zoom(variance_runs, history, tmp_path / "c.png"), 4)
+    check_png(figures.fig17d_extremum_distance(variance_runs, history, tmp_path / "d.png"), 2)  # one per schedule
     one_schedule = variance_runs[variance_runs["protocol.schedule"] == "wsd"]
-    check_png(F.fig17d_extremum_distance(one_schedule, history, tmp_path / "d1.png"), 1)
+    check_png(figures.fig17d_extremum_distance(one_schedule, history, tmp_path / "d1.png"), 1)
 
 
 def test_fig17d_single_member_group_is_a_clear_error(variance_runs, tmp_path):
     lonely = variance_runs[~((variance_runs["architecture.arch"] == "tpb") & (variance_runs["protocol.seed"] > 0))]
     with pytest.raises(AnalysisError, match="fewer than 2 runs"):
-        F.fig17d_extremum_distance(lonely, curves(lonely), tmp_path / "d.png")
+        figures.fig17d_extremum_distance(lonely, curves(lonely), tmp_path / "d.png")
 
 
 def test_fig22_delayed_comm(tmp_path):
@@ -130,24 +130,24 @@ def test_fig22_delayed_comm(tmp_path):
     rows.append(tpb("sandwich", 0, 3.3, **{"architecture.comm": False, "architecture.comm_start": 0,
                                            "architecture.comm_interleave": 0, "architecture.comm_length": 1}))
     runs = pd.DataFrame(rows)
-    check_png(F.fig22a_delayed_comm_curves(runs, curves(runs), tmp_path / "a.png"), 4)  # comm=false left out
-    check_png(F.fig22b_delayed_comm_3d(runs, tmp_path / "b.png"), 4)  # 4 settings, seeds averaged
+    check_png(figures.fig22a_delayed_comm_curves(runs, curves(runs), tmp_path / "a.png"), 4)  # comm=false left out
+    check_png(figures.fig22b_delayed_comm_3d(runs, tmp_path / "b.png"), 4)  # 4 settings, seeds averaged
 
 
 def test_study_plots(tmp_path):
     runs = pd.DataFrame({"run_id": list("abcde"), "trial": [0, 1, 2, 3, 4],
                          "train_loss": [3.2, 3.3, 3.0, 3.6, 3.1], "decode_speedup": [2.0, 1.5, 1.2, 3.0, None]})
-    check_png(F.pareto_front(runs, tmp_path / "pareto.png", metric="train_loss"), 2)
-    check_png(F.optimisation_history(runs, tmp_path / "history.png", metric="train_loss"), 2)
-    assert F.trial_numbers(runs.drop(columns="trial").assign(
+    check_png(figures.pareto_front(runs, tmp_path / "pareto.png", metric="train_loss"), 2)
+    check_png(figures.optimisation_history(runs, tmp_path / "history.png", metric="train_loss"), 2)
+    assert figures.trial_numbers(runs.drop(columns="trial").assign(
         start_time=pd.to_datetime([5, 1, 3, 2, 4], unit="s"))).tolist() == [4, 0, 2, 1, 3]
 
 
 def test_loss_curves_one_series_per_configuration(lane_runs, tmp_path):
-    check_png(F.loss_curves(lane_runs, curves(lane_runs), tmp_path / "curves.png"), 9)  # 8 tpb configs + llama
+    check_png(figures.loss_curves(lane_runs, curves(lane_runs), tmp_path / "curves.png"), 9)  # 8 tpb configs + llama
 
 
-def band(plot: F.Plot, label_start: str):
+def band(plot: figures.Plot, label_start: str):
     """The (x, low, high) of the min-max band whose series label starts with `label_start`."""
     [poly] = [c for ax in plot.figure.axes for c in ax.collections
               if (c.get_gid() or "").startswith(f"band:{label_start}")]
@@ -157,7 +157,7 @@ def band(plot: F.Plot, label_start: str):
 
 
 def test_fig18_draws_the_mean_over_seeds_with_a_min_max_band(lane_runs, tmp_path):
-    plot = F.fig18_lane_count(lane_runs, tmp_path / "fig18.png")  # default estimate: eval_loss
+    plot = figures.fig18_lane_count(lane_runs, tmp_path / "fig18.png")  # default estimate: eval_loss
     ax = plot.figure.axes[0]
     assert "mean over seeds, band = min–max" in ax.get_title()
     assert ax.get_ylabel() == "final eval loss (held-out)"
@@ -170,6 +170,6 @@ def test_fig18_draws_the_mean_over_seeds_with_a_min_max_band(lane_runs, tmp_path
     assert low == pytest.approx(by_x.min().tolist()) and high == pytest.approx(by_x.max().tolist())
     [bars] = [c for c in ax.containers if c.get_label().startswith("sandwich")]  # mean line + min/max caps
     assert bars.lines[0].get_ydata().tolist() == pytest.approx(by_x.mean().tolist())
-    labelled = F.fig18_lane_count(lane_runs, tmp_path / "b.png", metric="train_loss",
+    labelled = figures.fig18_lane_count(lane_runs, tmp_path / "b.png", metric="train_loss",
                                   label="mean train loss, last 20 steps")
     assert labelled.figure.axes[0].get_ylabel() == "mean train loss, last 20 steps"

@@ -97,3 +97,41 @@ def test_explicit_ffn_widths_override_the_multipliers():
     assert (fitted.lane_d_ffn, fitted.d_ffn) == (41, 99)
     # an explicit width makes a tiny multiplier harmless: the multiplier is only the nominal ratio
     assert ModelConfig(hidden=64, ffn_mult=0.001, ffn_dim=8).d_ffn == 8
+
+
+def test_lane_hidden_is_the_model_hidden_for_dense_baselines():
+    """A dense llama / gpt2 is one "lane": lane_hidden == hidden whatever the (unused) lane fields say."""
+    for arch in ("llama", "gpt2"):
+        for recipe in ("sandwich", "burger"):
+            cfg = ModelConfig(arch=arch, hidden=64, lane_count=4, recipe=recipe)
+            assert (cfg.lane_hidden, cfg.lane_out) == (64, 64)
+    assert (ModelConfig(**TPB).lane_hidden, ModelConfig(**TPB).lane_out) == (16, 16)  # sandwich: 64 / 4
+    burger = ModelConfig(**dict(TPB, recipe="burger"))
+    assert (burger.lane_hidden, burger.lane_out) == (64, 16)  # burger: lanes at H, W3 writes H / L
+
+
+HIDDEN_TO_SOLVE = [  # structures whose rules a budget solver must keep; hidden=None defers them
+    ("llama", dict(arch="llama", n_heads=12, n_kv_heads=2)),
+    ("gpt2, odd heads", dict(arch="gpt2", n_heads=7)),
+    ("sandwich of 3 lanes", dict(TPB, lane_count=3, lane_heads=4, n_heads=6, n_kv_heads=2)),
+    ("burger with comm", dict(COMM, recipe="burger", lane_count=16, lane_heads=3, lane_kv_heads=3)),
+]
+
+
+@pytest.mark.parametrize("fields", [c[1] for c in HIDDEN_TO_SOLVE], ids=[c[0] for c in HIDDEN_TO_SOLVE])
+def test_hidden_none_means_to_be_solved(fields):
+    cfg = ModelConfig(**{**fields, "hidden": None})
+    assert cfg.hidden is None and cfg.label().startswith(("llama-H?-", "gpt2-H?-", "sandwich-", "burger-"))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(n_heads=4, n_kv_heads=3), "n_kv_heads=3: must divide n_heads=4"),
+    (dict(TPB, lane_heads=4, lane_kv_heads=3), "lane_kv_heads=3: must divide lane_heads=4"),
+    (dict(TPB, lane_count=0), "lane_count=0"),
+    (dict(n_heads=0), "n_heads=0"),
+    (dict(ffn_mult=0.0), "ffn_mult=0.0"),
+    (dict(COMM, comm_start=3), "comm_start=3"),
+], ids=["kv heads", "lane kv heads", "zero lanes", "zero heads", "zero ffn_mult", "comm_start"])
+def test_hidden_none_still_checks_every_rule_without_the_hidden_size(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig(**{**fields, "hidden": None})

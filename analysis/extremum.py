@@ -1,4 +1,5 @@
-"""Per-step group statistics and the extremum distance of the report's equation 12 (section 5.3.4).
+"""The extremum distance of the report's equation 12 (section 5.3.4), and the per-step group statistics
+(mean / min / max / variance) it is built on.
 
 Input: a long table with a `step` column, a value column and the grouping columns, e.g.
 `attach(metric_histories(...), runs, ["architecture.arch", "protocol.schedule"])` filtered to

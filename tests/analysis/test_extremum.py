@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from analysis.collect import AnalysisError
-from analysis.variance import distances_within, extremum_distance, separation_step, step_stats
+from analysis.extremum import distances_within, extremum_distance, separation_step, step_stats
 
 # Two groups of two runs over 5 steps. Per step, [min, max] of A and B:
 #   step 1: A [5.0, 5.4]  B [4.8, 5.2] -> d = -(min(5.4, 5.2) - max(5.0, 4.8)) = -(5.2 - 5.0) = -0.2
