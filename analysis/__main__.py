@@ -2,6 +2,10 @@
 
     decode   the decode-time model of report section 3: a 22-layer Llama vs the section 6.7 hybrid
              on G devices, with the report's printed figures beside ours
+    decode-measure  measured decode on real processes (CPU: gloo, GPU: NCCL): Llama vs an equal-parameter
+             hybrid at G = 1, 2..., beside eq. 9/10 calibrated with the measured t_sync; the
+             delayed-communication curve (analysis/decode_measure.py)
+    samples  text decoded from the checkpoints of a sweep's runs (analysis/samples.py)
     report   a sweep's figures (PNG) and summary.md from MLflow, into reports/<sweep>/
 
 Each command is a function `add_<command>(subparsers)` that registers its arguments and sets
@@ -18,20 +22,20 @@ from analysis.devices import DEVICES, get_device
 
 # --- decode ---
 
-REPORT_6_7 = dict(device="H100", gpus=8, model_bytes=2.2e9, llama_layers=22, hybrid_syncs=3, batch=1)
-
 
 def add_decode(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("decode", help="decode-time model (report section 3): Llama vs hybrid",
                               description=decode.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="H100", help=f"one of {', '.join(DEVICES)} (default H100)")
-    p.add_argument("--gpus", type=int, default=8, help="tensor-parallel devices G (default 8)")
-    p.add_argument("--model-bytes", type=float, default=2.2e9,
-                   help="bytes read per decode step, weights + KV cache (default 2.2e9, report 6.7)")
-    p.add_argument("--llama-layers", type=int, default=22, help="layers of the Llama (2 syncs each; default 22)")
-    p.add_argument("--hybrid-syncs", type=int, default=3,
-                   help="syncs of the hybrid, tp_blocks x (1 + 2 x n_classic_layers) (default 3)")
-    p.add_argument("--batch", type=int, default=1)
+    d = decode.SECTION_6_7  # the report's section 6.7 inputs are the defaults
+    p.add_argument("--device", default=d["device"], help=f"one of {', '.join(DEVICES)} (default {d['device']})")
+    p.add_argument("--gpus", type=int, default=d["gpus"], help=f"tensor-parallel devices G (default {d['gpus']})")
+    p.add_argument("--model-bytes", type=float, default=d["model_bytes"],
+                   help=f"bytes read per decode step, weights + KV cache (default {d['model_bytes']:g}, report 6.7)")
+    p.add_argument("--llama-layers", type=int, default=d["llama_layers"],
+                   help=f"layers of the Llama (2 syncs each; default {d['llama_layers']})")
+    p.add_argument("--hybrid-syncs", type=int, default=d["hybrid_syncs"],
+                   help=f"syncs of the hybrid, tp_blocks x (1 + 2 x n_classic_layers) (default {d['hybrid_syncs']})")
+    p.add_argument("--batch", type=int, default=d["batch"])
     p.add_argument("--bandwidth", type=float, default=None, help="override the memory bandwidth, bytes/s")
     p.add_argument("--t-sync", type=float, default=None, help="override t_sync, seconds (default 5e-6)")
     p.add_argument("--examples", action="store_true",
@@ -45,8 +49,7 @@ def _comparison(args: argparse.Namespace) -> list[str]:
     runs = decode.section_6_7(device, args.gpus, args.model_bytes, args.llama_layers, args.hybrid_syncs, args.batch)
     given = dict(device=device.name, gpus=args.gpus, model_bytes=args.model_bytes, llama_layers=args.llama_layers,
                  hybrid_syncs=args.hybrid_syncs, batch=args.batch)
-    as_report = given == REPORT_6_7 and device == get_device("H100")
-    printed = {"llama": ("290", "3442", "1.00"), "hybrid": ("70", "14181", "4.2"), "best": ("-", "-", "-")}
+    as_report = given == decode.SECTION_6_7 and device == get_device(decode.SECTION_6_7["device"])
     base = runs["llama"].step_s
     lines = [
         f"Decode step on {args.gpus} x {device.name} ({device.mem_bw_bytes_per_s / 1e12:.2f} TB/s, "
@@ -58,7 +61,9 @@ def _comparison(args: argparse.Namespace) -> list[str]:
         row = (f"{run.name:<26}{run.syncs:>6}{run.read_s * 1e6:>10.2f}{run.sync_s * 1e6:>10.2f}"
                f"{run.step_s * 1e6:>10.2f}{run.tokens_per_s:>11.1f}{base / run.step_s:>9.2f}x")
         if as_report:
-            step, tokens, gain = printed[key]
+            printed = decode.SECTION_6_7_PRINTED[key]
+            step, tokens, gain = (f"{printed[k]:g}" if k in printed else "-" for k in ("step_us", "tokens_per_s",
+                                                                                    "speedup"))
             row += f"   | {step:>15}{tokens:>10}{gain:>10}"
         lines.append(row)
     if as_report:
@@ -111,6 +116,86 @@ def run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- decode-measure ---
+
+
+def add_decode_measure(subparsers: argparse._SubParsersAction) -> None:
+    from analysis import decode_measure
+
+    p = subparsers.add_parser("decode-measure", help="measured decode (real processes) vs eq. 9/10",
+                              description=decode_measure.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="world sizes G to measure (default 1 2)")
+    p.add_argument("--hidden", type=int, default=256, help="Llama hidden size (default 256)")
+    p.add_argument("--layers", type=int, default=4, help="Llama layers (default 4)")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--lanes", type=int, default=4, help="lanes of the hybrid (default 4; a multiple of every G)")
+    p.add_argument("--lane-depth", type=int, default=6, help="lane depth of the hybrid (default 6)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed per measurement (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds, medians (default 3)")
+    p.add_argument("--no-curve", action="store_true", help="skip the delayed-communication curve")
+    p.add_argument("--figure", default="decode_measured.png", metavar="PNG", help="where to draw (default %(default)s)")
+    p.set_defaults(run=run_decode_measure)
+
+
+def run_decode_measure(args: argparse.Namespace) -> int:
+    from analysis import decode_measure as dm
+
+    base = dm.llama(args.hidden, args.layers, args.vocab, heads=args.heads, kv_heads=args.kv_heads)
+    result = dm.measure(base, args.lanes, args.lane_depth, args.gpus, args.batch, args.steps, args.repeats,
+                        curve=not args.no_curve)
+    lines = dm.report(result)
+    if args.figure:
+        dm.figure(result.rows, result.curve, result.no_comm.step_s if result.no_comm else None, result.threshold,
+                  args.figure)
+        lines.append(f"figure written to {args.figure}")
+    print("\n".join(lines))
+    return 0
+
+
+# --- samples ---
+
+
+def add_samples(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("samples", help="text decoded from a sweep's (or one run's) checkpoints")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--sweep", help="every configuration of this sweep (MLflow experiment)")
+    where.add_argument("--run-dir", help="one run's folder (its MLflow run is found by the tag run_dir)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--prompt", default="def ", help="text the samples continue (default %(default)r)")
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per sample (default 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--all", action="store_true", help="every run, not one per configuration")
+    p.set_defaults(run=run_samples)
+
+
+def run_samples(args: argparse.Namespace) -> int:
+    from analysis import samples
+
+    if args.run_dir:
+        items = [samples.run_dir_source(args.run_dir, args.tracking_uri)]
+    else:
+        items = samples.sweep_sources(args.sweep, args.tracking_uri)
+        items = items if args.all else samples.one_per_config(
+            [i for i in items if samples.has_checkpoint(i)] or items)
+    printed = 0
+    for item in items:
+        got = samples.sample_text(item, args.prompt, args.tokens, args.temperature, args.top_k, args.seed)
+        if got is None:
+            print(f"== {item.name}: no checkpoint in {item.run_dir}")
+            continue
+        text, step = got
+        print(f"== {item.name} (step {step}, {item.run_dir})\n{text}\n")
+        printed += 1
+    if not printed:
+        raise ValueError("no run with a checkpoint: nothing to sample")
+    return 0
+
+
 # --- report ---
 
 
@@ -138,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for add in (add_decode, add_report):
+    for add in (add_decode, add_decode_measure, add_samples, add_report):
         add(subparsers)
     args = parser.parse_args(argv)
     try:

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import claims, estimates
-from analysis import figures as F
+from analysis import claims, estimates, figures
 from analysis.collect import (
     AnalysisError,
     client,
@@ -37,40 +36,40 @@ from analysis.collect import (
     runs_table,
     sweep_parent,
 )
+from analysis.extremum import distances_within, extremum_distance, members, separation_step
 from analysis.ranking import config_names, missing_configs, rank_configs
-from analysis.variance import distances_within, extremum_distance, members, separation_step
 
 
 @dataclass(frozen=True)
 class Spec:
     file: str
-    draw: Callable[..., F.Plot]
+    draw: Callable[..., figures.Plot]
     history: bool = False
     """True: draw(runs, history, path) (curves of the train loss); False: draw(runs, path) (final estimate)."""
     estimate_curve: bool = False
     """A history figure drawn on the per-step curve of the chosen estimate (eq. 12, like the findings)."""
 
 
-CURVES = Spec("loss_curves.png", F.loss_curves, history=True)
-STUDY = (Spec("pareto_front.png", F.pareto_front), Spec("optimisation_history.png", F.optimisation_history))
+CURVES = Spec("loss_curves.png", figures.loss_curves, history=True)
+STUDY = (Spec("pareto_front.png", figures.pareto_front), Spec("optimisation_history.png", figures.optimisation_history))
 SWEEPS: dict[str, tuple[Spec, ...]] = {
-    "dataset_size": (Spec("fig16_dataset_size.png", F.fig16_dataset_size), CURVES),
-    "lr_range": (Spec("fig17a_lr_range.png", F.fig17a_lr_range, history=True),),
+    "dataset_size": (Spec("fig16_dataset_size.png", figures.fig16_dataset_size), CURVES),
+    "lr_range": (Spec("fig17a_lr_range.png", figures.fig17a_lr_range, history=True),),
     "variance": (
-        Spec("fig17b_variance.png", F.fig17b_variance, history=True),
-        Spec("fig17c_variance_zoom.png", F.fig17c_variance_zoom, history=True),
-        Spec("fig17d_extremum_distance.png", F.fig17d_extremum_distance, history=True, estimate_curve=True),
+        Spec("fig17b_variance.png", figures.fig17b_variance, history=True),
+        Spec("fig17c_variance_zoom.png", figures.fig17c_variance_zoom, history=True),
+        Spec("fig17d_extremum_distance.png", figures.fig17d_extremum_distance, history=True, estimate_curve=True),
     ),
-    "lane_count": (Spec("fig18_lane_count.png", F.fig18_lane_count), CURVES),
-    "aspect_ratio": (Spec("fig19_aspect_ratio.png", F.fig19_aspect_ratio), CURVES),
-    "tp_blocks": (Spec("fig20_tp_blocks.png", F.fig20_tp_blocks), CURVES),
-    "classic_layers": (Spec("fig21_classic_layers.png", F.fig21_classic_layers), CURVES),
+    "lane_count": (Spec("fig18_lane_count.png", figures.fig18_lane_count), CURVES),
+    "aspect_ratio": (Spec("fig19_aspect_ratio.png", figures.fig19_aspect_ratio), CURVES),
+    "tp_blocks": (Spec("fig20_tp_blocks.png", figures.fig20_tp_blocks), CURVES),
+    "classic_layers": (Spec("fig21_classic_layers.png", figures.fig21_classic_layers), CURVES),
     "delayed_comm": (
-        Spec("fig22a_delayed_comm_curves.png", F.fig22a_delayed_comm_curves, history=True),
-        Spec("fig22b_delayed_comm_3d.png", F.fig22b_delayed_comm_3d),
+        Spec("fig22a_delayed_comm_curves.png", figures.fig22a_delayed_comm_curves, history=True),
+        Spec("fig22b_delayed_comm_3d.png", figures.fig22b_delayed_comm_3d),
     ),
     "first_wave": (CURVES,),
-    "delayed_comm_tpe": (Spec("fig22b_delayed_comm_3d.png", F.fig22b_delayed_comm_3d), *STUDY),
+    "delayed_comm_tpe": (Spec("fig22b_delayed_comm_3d.png", figures.fig22b_delayed_comm_3d), *STUDY),
     "speed_quality": STUDY,
 }
 """Sweep (experiment) name -> the figures its report draws."""
@@ -79,7 +78,7 @@ SWEEPS: dict[str, tuple[Spec, ...]] = {
 def _specs(sweep: str, runs: pd.DataFrame) -> tuple[Spec, ...]:
     if sweep in SWEEPS:
         return SWEEPS[sweep]
-    is_study = any(c in runs for c in F.TRIAL_TAGS)
+    is_study = any(c in runs for c in figures.TRIAL_TAGS)
     return (CURVES, *STUDY) if is_study else (CURVES,)
 
 
@@ -224,6 +223,17 @@ def _entropy_lines(runs: pd.DataFrame) -> list[str]:
     return [line]
 
 
+def _samples_section(finished: pd.DataFrame) -> list[str]:
+    """A short sample of text per configuration, decoded from its newest checkpoint (analysis.samples)."""
+    from analysis import samples
+
+    try:
+        return samples.markdown(samples.sources(finished))
+    except Exception as err:  # the samples must never cost the report
+        warnings.warn(f"no samples in the report: {err}", stacklevel=2)
+        return []
+
+
 def _ranked(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Configurations with at least one finished run that has the estimate, best first."""
     ranking = rank_configs(runs, metric)
@@ -272,6 +282,7 @@ def build_report(sweep: str, tracking_uri: str | None = None, out_dir: str | Pat
     sections = _separation_lines(scored, scored_curves, ranking)
     sections += claims.markdown(claims.findings(sweep, scored, metric, scored_curves), label)
     sections += ["## Figures", "", *(f"- {d}" for d in drawn), ""] if drawn else []
+    sections += _samples_section(finished)
     missing = estimates.missing_note(finished, metric)
     notes = _notes(runs, history) + [f"- {n}" for n in [missing] if n] + [f"- {n}" for n in figure_notes]
     sections += ["## Notes", "", *(notes or ["- every run finished"]), ""]

@@ -1,7 +1,12 @@
 """Building blocks shared by the Llama baseline and the dense layers of the hybrid TPB model.
 
-Smallest parts first: RMSNorm -> rotary tables -> causal attention core -> Attention (GQA)
--> SwiGLU -> DecoderLayer (pre-norm) -> weight initialisation used by every model.
+Smallest parts first: RMSNorm -> rotary tables -> KV cache -> causal attention core -> Attention
+(GQA) -> SwiGLU -> DecoderLayer (pre-norm) -> weight initialisation used by every model.
+
+Incremental decoding: every attention call takes an optional `cache` (a preallocated KVCache) and
+`pos`, the position of the first of the T new tokens. Without a cache it is the training path,
+unchanged; with one, the new keys and values are written at [pos, pos + T) and the queries attend
+to the cache's first pos + T entries (`rope` then holds the tables of positions pos .. pos + T - 1).
 
 Shapes: B batch, T sequence, D model width, nh / nkv query / key-value heads, hd head dim.
 Dense weights are nn.Linear, stored [out, in] (the transpose of the [in, out] written in the
@@ -36,21 +41,44 @@ class Rotary(nn.Module):
 
     Rotate-half convention (as Hugging Face Llama): the two halves of a head, x1 and x2, are
     rotated as pairs (x1[j], x2[j]) by angle t * theta^(-2j / hd). Tables are non-persistent
-    buffers: they never enter the state dict and follow the module across devices.
+    buffers: they never enter the state dict and follow the module across devices. They are built
+    in the compute dtype (the default dtype, then that of any .double() / .to(dtype), fp32 at least):
+    a cast alone would keep fp32 rounding in a float64 model.
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        inv_freq = 1.0 / theta**exponent  # [hd/2]
-        angles = torch.outer(torch.arange(max_seq_len).float(), inv_freq)  # [S, hd/2]
-        self.register_buffer("cos", angles.cos()[:, None, :], persistent=False)  # [S, 1, hd/2]
-        self.register_buffer("sin", angles.sin()[:, None, :], persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        cos, sin = self._tables(max_seq_len, torch.get_default_dtype())
+        self.register_buffer("cos", cos, persistent=False)  # [S, 1, hd/2]
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, max_seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        build = torch.promote_types(dtype, torch.float32)  # a bf16 table is rounded from fp32, not built in bf16
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).to(build) / self.head_dim
+        inv_freq = 1.0 / self.theta**exponent  # [hd/2]
+        angles = torch.outer(torch.arange(max_seq_len, dtype=build), inv_freq)  # [S, hd/2]
+        return angles.cos()[:, None, :].to(dtype), angles.sin()[:, None, :].to(dtype)
+
+    def _apply(self, fn, recurse=True):  # .double(), .to(dtype): rebuild the tables in the new dtype
+        built = self.cos.dtype
+        super()._apply(fn, recurse)
+        if self.cos.dtype != built and self.cos.is_floating_point():
+            cos, sin = self._tables(self.cos.shape[0], self.cos.dtype)
+            self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+        return self
 
     def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         if seq_len > self.cos.shape[0]:
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len={self.cos.shape[0]}")
         return self.cos[:seq_len], self.sin[:seq_len]  # [T, 1, hd/2] each
+
+
+def rope_at(rotary: Rotary, pos: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables of positions pos .. pos + seq_len - 1 (a decode step's rope): [T, 1, hd/2] each."""
+    if pos + seq_len > rotary.cos.shape[0]:
+        raise ValueError(f"position {pos + seq_len - 1} exceeds max_seq_len={rotary.cos.shape[0]}")
+    return rotary.cos[pos : pos + seq_len], rotary.sin[pos : pos + seq_len]
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -75,18 +103,59 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool =
     return y.to(dtype)
 
 
+class KVCache:
+    """Preallocated keys and values of one attention layer: k, v [N, nkv, S, hd], S = longest context.
+
+    Allocated once per generation; a decode step writes its T new entries in place (no allocation).
+    """
+
+    def __init__(self, n: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        self.k = torch.zeros(n, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.weights: dict[str, torch.Tensor] = {}
+        """The layer's weights in the decode layout (DecoderLayer.decode_weights), when it has one."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [N, nkv, T, hd] at positions [pos, pos + T); return the cached [N, nkv, pos + T, hd]."""
+        end = pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"position {end - 1} exceeds the cache length {self.k.shape[2]}")
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, enable_gqa: bool = False) -> torch.Tensor:
+    """q [N, nh, T, hd] of positions pos .. pos + T - 1 against the cached k, v [N, nkv, pos + T, hd]:
+    query t sees keys 0 .. pos + t. One new token (T = 1) sees every cached key: no mask."""
+    T = q.shape[2]
+    mask = None
+    if T > 1 and pos > 0:
+        mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(pos)  # [T, pos + T]
+    with torch.autocast(q.device.type, enabled=False):
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                              is_causal=T > 1 and pos == 0, enable_gqa=enable_gqa)
+
+
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int, n_kv_heads: int, rope
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int, n_kv_heads: int, rope,
+    cache: KVCache | None = None, pos: int = 0,
 ) -> torch.Tensor:
     """Causal multi-head attention core with RoPE; q [N, T, nh*hd], k and v [N, T, nkv*hd] -> [N, T, nh*hd].
 
     GQA: query heads [g * nh/nkv, (g+1) * nh/nkv) share KV head g (enable_gqa, no repeated copies).
+    With a cache, k and v are the new tokens' (positions pos ..), stored before attending.
     """
     N, T, _ = q.shape
     q = apply_rotary(q.view(N, T, n_heads, -1), rope).transpose(1, 2)  # [N, nh, T, hd]
     k = apply_rotary(k.view(N, T, n_kv_heads, -1), rope).transpose(1, 2)  # [N, nkv, T, hd]
     v = v.view(N, T, n_kv_heads, -1).transpose(1, 2)  # [N, nkv, T, hd]
-    y = attend(q, k, v, enable_gqa=n_kv_heads != n_heads)
+    if cache is None:
+        y = attend(q, k, v, enable_gqa=n_kv_heads != n_heads)
+    else:
+        k, v = cache.update(k, v, pos)  # [N, nkv, pos + T, hd]
+        y = attend_cached(q, k, v, pos, enable_gqa=n_kv_heads != n_heads)
     return y.transpose(1, 2).reshape(N, T, -1)  # [N, T, nh*hd]
 
 
@@ -102,9 +171,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, kv_dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:  # x [B, T, D]
-        y = causal_attention(self.wq(x), self.wk(x), self.wv(x), self.n_heads, self.n_kv_heads, rope)
-        return self.wo(y)  # [B, T, D]
+    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        if cache is not None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:  # training: one matmul against q|k|v stacked per step (the state dict keeps wq, wk, wv)
+            q, k, v = F.linear(x, torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])).split(
+                [self.wq.out_features, self.wk.out_features, self.wv.out_features], dim=-1)
+        y = causal_attention(q, k, v, self.n_heads, self.n_kv_heads, rope, cache, pos)
+        return self.wo(y)  # x [B, T, D] -> [B, T, D]
 
 
 class SwiGLU(nn.Module):
@@ -117,7 +191,9 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(d_ffn, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, D]
-        return self.w3(F.silu(self.w1(x)) * self.w2(x))  # [B, T, D]
+        # one matmul against gate|up stacked per step (the state dict keeps w1, w2)
+        gate, up = F.linear(x, torch.cat([self.w1.weight, self.w2.weight])).chunk(2, dim=-1)  # [B, T, F] each
+        return self.w3(F.silu(gate) * up)  # [B, T, D]
 
 
 class DecoderLayer(nn.Module):
@@ -130,9 +206,59 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(dim, eps)
         self.ffn = SwiGLU(dim, d_ffn)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:  # x [B, T, D]
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        if cache is not None and cache.weights:
+            return self._decode(x, rope, cache, pos)
+        x = x + self.attn(self.attn_norm(x), rope, cache, pos)  # x [B, T, D]
         return x + self.ffn(self.ffn_norm(x))
+
+    @torch.no_grad()
+    def decode_weights(self) -> dict[str, torch.Tensor]:
+        """A copy of the weights in the decode layout: [in, out], q/k/v and gate/up fused.
+        x @ W on a contiguous [in, out] matrix is the fast matrix-vector product on CPU (1.5-2x
+        F.linear's at decode shapes), and fusing saves three dispatches per layer."""
+        a, f = self.attn, self.ffn
+        return {"qkv": torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]).t().contiguous(),  # [D, (nh + 2 nkv) hd]
+                "wo": a.wo.weight.t().contiguous(),  # [nh hd, D]
+                "w12": torch.cat([f.w1.weight, f.w2.weight]).t().contiguous(),  # [D, 2F]
+                "w3": f.w3.weight.t().contiguous()}  # [F, D]
+
+    def _decode(self, x: torch.Tensor, rope, cache: KVCache, pos: int) -> torch.Tensor:
+        """forward with the cache's decode_weights (same math): x [B, T, D] at positions pos .. pos + T - 1."""
+        B, T, _ = x.shape
+        w, nh, nkv = cache.weights, self.attn.n_heads, self.attn.n_kv_heads
+        qkv = self.attn_norm(x) @ w["qkv"]  # [B, T, (nh + 2 nkv) hd]
+        hd = qkv.shape[-1] // (nh + 2 * nkv)
+        qk = apply_rotary(qkv[..., : (nh + nkv) * hd].view(B, T, nh + nkv, hd), rope).transpose(1, 2)
+        v = qkv[..., (nh + nkv) * hd :].view(B, T, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
+        k, v = cache.update(qk[:, nh:], v, pos)  # [B, nkv, pos + T, hd]
+        y = attend_cached(qk[:, :nh], k, v, pos, enable_gqa=nkv != nh)  # [B, nh, T, hd]
+        x = x + y.transpose(1, 2).reshape(B, T, nh * hd) @ w["wo"]
+        gate, up = (self.ffn_norm(x) @ w["w12"]).chunk(2, dim=-1)  # [B, T, F] each
+        return x + (F.silu(gate) * up) @ w["w3"]
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device, decode_layout: bool = True
+                  ) -> KVCache:
+        """A KVCache for this layer; decode_layout: holding a snapshot of decode_weights (make a new cache
+        after changing the weights), used by forward(x, rope, cache, pos)."""
+        a = self.attn
+        cache = KVCache(batch, a.n_kv_heads, max_len, a.wq.out_features // a.n_heads, dtype, device)
+        if decode_layout:
+            cache.weights = self.decode_weights()
+        return cache
+
+
+class DecodeCache(list):
+    """A model's KVCaches in the order its forward consumes them, and its LM head in the decode layout
+    ([H, V], see DecoderLayer.decode_weights): what model.new_cache returns."""
+
+    def __init__(self, caches, head: nn.Linear) -> None:
+        super().__init__(caches)
+        with torch.no_grad():
+            self.head = head.weight.t().contiguous()  # [H, V]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.head  # x [B, T, H] -> [B, T, V]
 
 
 def init_weights(model: nn.Module, depth: int, std: float = 0.02) -> None:

@@ -12,6 +12,11 @@ Parameters (L lanes, h lane hidden, Fl lane d_ffn, out = h (sandwich) or H / L (
 blocks.b.layers.d.{attn_norm [L, h], wq [L, h, h], wk, wv [L, h, kvl*hdl], wo [L, h, h],
 ffn_norm [L, h], w1, w2 [L, h, Fl], w3 [L, Fl, out]}; blocks.b.comm_norms.k [L, h] (one per
 (send, receive) pair); classic.b.c = models.layers.DecoderLayer at H.
+
+Incremental decoding (models.generate): every lane keeps its own KV cache, one KVCache per lane
+layer with the lanes folded into its batch ([L*B, kvl, S, hdl]), and one per classic layer.
+A delayed-communication message travels inside one token's forward pass (sent after layer s,
+received after layer s + comm_length), so a decode step applies it exactly as training does.
 """
 
 from __future__ import annotations
@@ -21,7 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.layers import DecoderLayer, RMSNorm, Rotary, causal_attention, init_weights
+from models.generate import generate
+from models.layers import (
+    DecodeCache,
+    DecoderLayer,
+    KVCache,
+    RMSNorm,
+    Rotary,
+    causal_attention,
+    init_weights,
+    rope_at,
+)
 from models.loss import lm_output
 
 
@@ -37,15 +52,21 @@ class LaneRMSNorm(nn.Module):
         return F.rms_norm(x, x.shape[-1:], eps=self.eps) * self.weight[:, None, :]
 
 
-def add_to_own_slice(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+def add_to_own_slice(x: torch.Tensor, f: torch.Tensor, first: int = 0) -> torch.Tensor:
     """Burger FFN residual: lane i adds f[i] [N, H/L] into its own feature slice i of x[i] [N, H].
 
     Viewing x as [lane, N, slice, H/L], the slices lanes write are the (lane, slice) diagonal.
+    `first`: x holds lanes first .. first + l - 1 of the L (a tensor-parallel rank's share), lane
+    first + j writing slice first + j.
     """
     L, N, H = x.shape
-    xs = x.view(L, N, L, H // L)
-    own = xs.diagonal(dim1=0, dim2=2)  # [N, H/L, L]
-    return torch.diagonal_scatter(xs, own + f.permute(1, 2, 0), dim1=0, dim2=2).view(L, N, H)
+    xs = x.view(L, N, H // f.shape[-1], f.shape[-1])  # [l, N, L, H/L]
+    if first == 0 and xs.shape[2] == L:
+        own = xs.diagonal(dim1=0, dim2=2)  # [N, H/L, L]
+        return torch.diagonal_scatter(xs, own + f.permute(1, 2, 0), dim1=0, dim2=2).view(L, N, H)
+    mine = xs[:, :, first : first + L]  # [l, N, l, H/L]: the slices these lanes write
+    mine = torch.diagonal_scatter(mine, mine.diagonal(dim1=0, dim2=2) + f.permute(1, 2, 0), dim1=0, dim2=2)
+    return torch.slice_scatter(xs, mine, dim=2, start=first, end=first + L).view(L, N, H)
 
 
 class LaneLayer(nn.Module):
@@ -65,17 +86,28 @@ class LaneLayer(nn.Module):
         self.w1 = nn.Parameter(torch.empty(L, h, d_ffn))
         self.w2 = nn.Parameter(torch.empty(L, h, d_ffn))
         self.w3 = nn.Parameter(torch.empty(L, d_ffn, cfg.lane_out))
+        self.first_lane = 0
+        """Index of this layer's lane 0 among all lanes (non-zero only for a tensor-parallel rank's share)."""
 
-    def forward(self, x: torch.Tensor, rope, seq_len: int) -> torch.Tensor:  # x [L, N = B*T, h]
+    def forward(self, x: torch.Tensor, rope, seq_len: int, cache: KVCache | None = None, pos: int = 0
+                ) -> torch.Tensor:  # x [L, N = B*T, h]
         L, N, h = x.shape
         a = self.attn_norm(x)
-        q, k, v = torch.bmm(a, self.wq), torch.bmm(a, self.wk), torch.bmm(a, self.wv)  # [L, N, *]
+        qkv = torch.bmm(a, torch.cat([self.wq, self.wk, self.wv], dim=-1))  # [L, N, h + 2 kvl*hdl]: one bmm per step
+        q, k, v = qkv.split([self.wq.shape[-1], self.wk.shape[-1], self.wv.shape[-1]], dim=-1)  # [L, N, *]
         fold = (L * (N // seq_len), seq_len, -1)  # lanes folded into the batch: [L*B, T, *]
-        y = causal_attention(q.view(fold), k.view(fold), v.view(fold), self.n_heads, self.n_kv_heads, rope)
+        y = causal_attention(q.view(fold), k.view(fold), v.view(fold), self.n_heads, self.n_kv_heads, rope,
+                             cache, pos)
         x = x + torch.bmm(y.view(L, N, h), self.wo)
         a = self.ffn_norm(x)
-        f = torch.bmm(F.silu(torch.bmm(a, self.w1)) * torch.bmm(a, self.w2), self.w3)  # [L, N, out]
-        return x + f if f.shape[-1] == h else add_to_own_slice(x, f)
+        gate, up = torch.bmm(a, torch.cat([self.w1, self.w2], dim=-1)).chunk(2, dim=-1)  # [L, N, Fl] each
+        f = torch.bmm(F.silu(gate) * up, self.w3)  # [L, N, out]
+        return x + f if f.shape[-1] == h else add_to_own_slice(x, f, self.first_lane)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
+        """The lanes' caches in one: [L*B, kvl, S, hdl], lane-major like the attention fold."""
+        L, h, _ = self.wq.shape
+        return KVCache(L * batch, self.n_kv_heads, max_len, h // self.n_heads, dtype, device)
 
 
 class TensorParallelBlock(nn.Module):
@@ -128,12 +160,13 @@ class TensorParallelBlock(nn.Module):
             others = others / (self.lanes - 1)
         return norm(x + others)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:  # x [B, T, H] -> [B, T, H]
+    def forward(self, x: torch.Tensor, rope, cache: list[KVCache] | None = None, pos: int = 0
+                ) -> torch.Tensor:  # x [B, T, H] -> [B, T, H]
         B, T, _ = x.shape
         x = self.prepare(x)
         sent = {}
         for depth, layer in enumerate(self.layers):
-            x = layer(x, rope, T)
+            x = layer(x, rope, T) if cache is None else layer(x, rope, T, cache[depth], pos)
             if depth in self.send_at:
                 sent[depth] = x
             if depth in self.receive_at:
@@ -167,8 +200,12 @@ class TPB(nn.Module):
             self.head.weight = self.tok_emb.weight
         init_weights(self, cfg.depth)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """idx [B, T] -> logits [B, T, V]; with targets [B, T], the mean cross-entropy (fp32 scalar) instead."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: list[KVCache] | None = None,
+                pos: int = 0) -> torch.Tensor:
+        """idx [B, T] -> logits [B, T, V]; with targets [B, T], the mean cross-entropy (fp32 scalar) instead.
+        With a cache (new_cache), idx holds positions pos .. pos + T - 1 and the cache is updated."""
+        if cache is not None:
+            return self._decode(idx, cache, pos)
         T = idx.shape[1]
         lane_rope = self.lane_rope(T)
         rope = self.rope(T) if self.cfg.n_classic_layers else None
@@ -178,3 +215,26 @@ class TPB(nn.Module):
             for layer in classic:
                 x = layer(x, rope)
         return lm_output(self.norm(x), self.head, targets)
+
+    def _decode(self, idx: torch.Tensor, cache: list[KVCache], pos: int) -> torch.Tensor:
+        T = idx.shape[1]
+        lane_rope = rope_at(self.lane_rope, pos, T)
+        rope = rope_at(self.rope, pos, T) if self.cfg.n_classic_layers else None
+        caches = iter(cache)  # new_cache's order: per block, its lane layers then its classic layers
+        x = self.tok_emb(idx)  # [B, T, H]
+        for block, classic in zip(self.blocks, self.classic, strict=True):
+            x = block(x, lane_rope, [next(caches) for _ in block.layers], pos)
+            for layer in classic:
+                x = layer(x, rope, next(caches), pos)
+        x = self.norm(x)
+        return cache.logits(x) if isinstance(cache, DecodeCache) else self.head(x)  # [B, T, V]
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> DecodeCache:
+        """Per block: one KVCache per lane layer (all lanes in it), then one per classic layer (with its
+        weights in the decode layout; lane weights are stacked [L, in, out] already)."""
+        w, S = self.tok_emb.weight, max_len or self.cfg.max_seq_len
+        return DecodeCache([layer.new_cache(batch, S, w.dtype, w.device)
+                            for block, classic in zip(self.blocks, self.classic, strict=True)
+                            for layer in [*block.layers, *classic]], self.head)
+
+    generate = generate
