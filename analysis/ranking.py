@@ -2,8 +2,9 @@
 
 A configuration is a set of runs that differ only by seed: runs are grouped by every param
 that varies across the runs table, except the seed and settings that do not change the
-result (threads, checkpointing, cache folder). Its readable name is the run's `label` tag
-plus the varying settings the label does not show (e.g. `llama-H256-n4 lr=0.001`).
+result (trainers/config.py's NON_RESULT fields: threads, compile, checkpointing, cache folder).
+Its readable name is the run's `label` tag plus the varying settings the label does not show
+(e.g. `llama-H256-n4 lr=0.001`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import AnalysisError
+from trainers.config import non_result_params
 
-NOT_CONFIG = {"protocol.seed", "protocol.threads", "protocol.ckpt_every", "protocol.keep_ckpts", "data.cache_dir"}
-"""Params that never make two runs different configurations."""
+NOT_CONFIG = {"protocol.seed", *non_result_params()}
+"""Params that never make two runs different configurations: the seed and trainers/config.py's NON_RESULT list."""
 DERIVED = {"n_params", "deviation", "syncs", "lane_hidden", "decode_speedup", "decode_time", "architecture.hidden"}
 """Params computed from the others (solved shape, counts): never needed in a name."""
 BESIDE = ("n_params", "syncs", "decode_speedup")

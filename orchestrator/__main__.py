@@ -23,11 +23,12 @@ import traceback
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 
+from orchestrator import launcher
 from orchestrator.config import ConfigError, bad_input_message, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-FAILED = ("failed", "killed")
 
 
 def _plugins_importable() -> None:
@@ -51,21 +52,17 @@ def _multirun_first(argv: list[str]) -> list[str]:
 
 
 def _task_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
     return list(HydraConfig.get().overrides.task)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def _single(cfg) -> dict:
+def _single(cfg):
     """Without -m: the one composed config goes through the same launcher as a sweep."""
-    from orchestrator.launcher import launch
-
     try:
         if cfg.get("seeds"):
             raise ConfigError(f"seeds={cfg.seeds} runs every point of a sweep over protocol.seed 0..{cfg.seeds - 1}: "
                               "add -m (a sweep), or give one run its seed with protocol.seed=K")
-        return launch([cfg], [_task_overrides()], multirun=False)[0]
+        return launcher.launch([cfg], [_task_overrides()], multirun=False)[0]
     except ConfigError as error:
         sys.stderr.write(bad_input_message(error))
         raise SystemExit(2) from error
@@ -79,8 +76,6 @@ def main() -> None:
     sys.argv[1:] = _multirun_first(sys.argv[1:])
     _plugins_importable()
     register_configs()
-    from orchestrator import launcher
-
     try:
         _single()
     except SystemExit as done:
@@ -91,7 +86,7 @@ def main() -> None:
     except Exception:  # a bug, not bad input
         traceback.print_exc()
         raise SystemExit(3) from None
-    if any(o.get("status") in FAILED for o in launcher.LAST_OUTCOMES):
+    if any(o.state.failed for o in launcher.LAST_OUTCOMES):
         raise SystemExit(1)
 
 

@@ -6,10 +6,8 @@
     conf/cluster/*.yaml      -> ClusterConfig
     conf/tracking/*.yaml     -> TrackingConfig
 
-RunConfig is stored in Hydra's ConfigStore as `base_config` (first entry of conf/config.yaml's
-defaults list), so every YAML file and every override is type-checked against it while Hydra
-composes. `to_run_config` turns the composed DictConfig into these dataclasses once, at the entry
-point; nothing below the orchestrator sees Hydra or OmegaConf.
+RunConfig is Hydra's `base_config` (first in conf/config.yaml's defaults), so every YAML file and override is
+type-checked while Hydra composes; `to_run_config` converts the composed DictConfig once, at the entry point.
 """
 
 from __future__ import annotations
@@ -17,11 +15,13 @@ from __future__ import annotations
 import copy
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from models.budget import FITS as BUDGET_FITS
 from models.config import ModelConfig
+from orchestrator.study.config import StudyConfig
 from trainers.config import DataConfig, TrainConfig
 
 CLUSTER_KINDS = ("local", "slurm")
@@ -41,6 +41,12 @@ class LaunchError(ConfigError):
 def bad_input_message(error: Exception) -> str:
     tail = "" if isinstance(error, LaunchError) else "\nnothing was launched or written."
     return f"error: {str(error).strip()}{tail}\n"
+
+
+def bad_input(error: Exception) -> SystemExit:
+    """Print the bad-input message and return the SystemExit(2) to raise (the entry point and the plugins)."""
+    sys.stderr.write(bad_input_message(error))
+    return SystemExit(2)
 
 
 @dataclass
@@ -169,8 +175,8 @@ class RunConfig:
     """Print every job's solved shape and launch nothing, write nothing."""
     detach: bool = False
     """Submit the jobs and return at once (follow them with `python -m orchestrator.status`)."""
-    study: Any = None
-    """An Optuna study's settings (conf/study/, read by orchestrator.study_config); None for grids."""
+    study: StudyConfig | None = None
+    """An Optuna study's settings (conf/study/, orchestrator/study/config.py); None for grids."""
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):
@@ -187,6 +193,8 @@ class RunConfig:
             raise ValueError(f"seeds={self.seeds}: must be >= 0 (0 = the sweep's own seeds)")
         if not self.output_dir:
             raise ValueError("output_dir is empty: give a folder for the run directories")
+        if self.study is not None and not isinstance(self.study, StudyConfig):  # built from a plain mapping
+            self.study = StudyConfig.from_mapping(self.study)
 
 
 def register_configs() -> None:
@@ -211,21 +219,6 @@ def find_targets(node: Any, path: str = "") -> list[str]:
     return found
 
 
-def _start_hidden(arch: Any) -> int | None:
-    """A hidden size every divisibility rule of this structure accepts (the solver's starting point)."""
-    try:
-        heads, lanes, lane_heads = int(arch.n_heads), int(arch.lane_count), int(arch.lane_heads)
-    except (TypeError, ValueError):
-        return None
-    if min(heads, lanes, lane_heads) < 1:
-        return None
-    if arch.arch == "gpt2":
-        return heads * 64
-    if arch.arch == "llama":
-        return 2 * heads * 32
-    return math.lcm(2 * heads, lanes * 2 * lane_heads) * 2
-
-
 def to_run_config(cfg: Any) -> RunConfig:
     """Composed DictConfig (the task config, without `hydra`) -> RunConfig, validated.
 
@@ -244,9 +237,10 @@ def to_run_config(cfg: Any) -> RunConfig:
         raise ConfigError(f"{targets[0]}: `_target_` keys are not accepted in run configs (nothing is instantiated)")
     try:
         if cfg.budget > 0:
-            start = _start_hidden(cfg.architecture)
-            if start is not None:
-                cfg.architecture.hidden = start
+            cfg.architecture.hidden = None  # to be solved (models.budget.solve, in plan_job)
+        elif cfg.architecture.hidden is None:
+            raise ConfigError("architecture.hidden=null (to be solved) needs a budget: budget=0 keeps "
+                              "architecture.hidden, so give one or set a budget")
         run = OmegaConf.to_object(cfg)
     except (ValueError, TypeError, OmegaConfBaseException) as error:
         raise ConfigError(str(error).strip()) from error

@@ -9,30 +9,44 @@
           - {architecture: sandwich,burger}
           - {architecture: llama}
 
-Command-line overrides apply to every grid and win over the file. Duplicates (the same run key)
-are removed later by the launcher, after the budget is solved.
-
-`seeds=N` (RunConfig.seeds) then runs every point over protocol.seed = 0..N-1, seed after seed (every point
-of seed 0 first, so a sweep cut short still has whole figures), in place of the seeds a sweep file sets
-(variance, dataset_size): points that differed only by their seed become one point. It touches
-protocol.seed alone (the initialisation), never data.seed (the data order stays fixed).
+Command-line overrides apply to every grid and win over the file; the launcher removes duplicate run keys.
+`seeds=N` then runs every point over protocol.seed = 0..N-1, seed-major (a sweep cut short still has whole
+figures), in place of a sweep file's seeds; it never touches data.seed (the data order stays fixed).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from orchestrator.config import ConfigError
 
+_PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
 
 def override_value(value: Any) -> str:
-    """A YAML value as Hydra override text (booleans lower-case, lists as sweep values)."""
+    """A value in Hydra's override grammar: numbers and plain names bare, other strings quoted."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    if _PLAIN.match(text) and text.lower() not in ("true", "false", "null"):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def sweep_text(value: Any) -> str:
+    """A sweep file's value as override text: its strings are override text already (`1,2,4`, `range(1,5)`),
+    a list is the sweep of its values, anything else one value (override_value)."""
+    if isinstance(value, str):
+        return value
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-        return ",".join(override_value(v) for v in value)
-    return str(value)
+        return ",".join(sweep_text(v) for v in value)
+    return override_value(value)
 
 
 def expand(config_loader: Any, params: Mapping[str, Any] | None, grids: Sequence[Mapping[str, Any]] | None,
@@ -47,10 +61,10 @@ def expand(config_loader: Any, params: Mapping[str, Any] | None, grids: Sequence
         if override.key_or_group == "seeds" and override.is_sweep_override():
             raise ConfigError(f"{override.input_line}: seeds takes one number N (every point runs over "
                               "protocol.seed = 0..N-1); to pick seeds, sweep protocol.seed instead")
-    shared = [f"{k}={override_value(v)}" for k, v in (params or {}).items()]
+    shared = [f"{k}={sweep_text(v)}" for k, v in (params or {}).items()]
     jobs: list[list[str]] = []
     for grid in grids or [{}]:
-        lines = shared + [f"{k}={override_value(v)}" for k, v in grid.items()] + list(arguments)
+        lines = shared + [f"{k}={sweep_text(v)}" for k, v in grid.items()] + list(arguments)
         (batch,) = BasicSweeper.split_arguments(parser.parse_overrides(lines), None)
         jobs += batch
     return with_seeds(jobs, seeds)
@@ -71,3 +85,12 @@ def with_seeds(jobs: Sequence[Sequence[str]], seeds: int) -> list[list[str]]:
         return [list(job) for job in jobs]
     points = list(dict.fromkeys(tuple(o for o in job if not sets_seed(o)) for job in jobs))
     return [[*point, f"{SEED_KEY}={seed}"] for seed in range(seeds) for point in points]
+
+
+
+def trial_overrides(fixed: Sequence[str], params: Mapping[str, Any], number: int | None = None,
+                    storage: str = "") -> list[str]:
+    """A trial job's overrides: the command line, the trial's params and, for a trial that runs (number set),
+    ++study.trial=N ++study.storage=<absolute storage> (the job reports to that trial)."""
+    trial = [] if number is None else [f"++study.trial={number}", f"++study.storage={override_value(storage)}"]
+    return [*fixed, *[f"{k}={override_value(v)}" for k, v in params.items()], *trial]

@@ -14,6 +14,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from analysis.decode import speedup
+from models.budget import BudgetError, solve
+from models.counts import ffn_shape, non_embedding_params, param_count, sync_count
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.runkey import run_key
 
@@ -49,8 +52,7 @@ class Job:
 
     @property
     def lane_hidden(self) -> int:
-        arch = self.run.architecture
-        return arch.lane_hidden if arch.arch == "tpb" else arch.hidden
+        return self.run.architecture.lane_hidden
 
     @property
     def label(self) -> str:
@@ -62,20 +64,13 @@ def _where(overrides: list[str]) -> str:
 
 
 def decode_prediction(arch: Any) -> tuple[float | None, float | None]:
-    """(speed-up vs same-size Llama, decode step seconds) on 8 x H100; (None, None) without analysis."""
-    try:
-        from analysis.decode import speedup
-    except ImportError:
-        return None, None
+    """(speed-up vs same-size Llama, decode step seconds) on 8 x H100 (analysis/decode.py)."""
     result = speedup(arch, DECODE_DEVICE, DECODE_GPUS)
     return result.speedup, result.hybrid.step_s
 
 
 def plan_job(run: RunConfig, overrides: list[str] | None = None) -> Job:
     """Solve, scale, check and key one run; raises ConfigError naming the field (and the job)."""
-    from models.budget import BudgetError, solve
-    from models.counts import ffn_shape, non_embedding_params, param_count, sync_count
-
     overrides = list(overrides or [])
     arch, deviation, adjusted = run.architecture, None, ()
     try:
@@ -141,12 +136,9 @@ def _name_runs(jobs: list[Job]) -> None:
 def print_plan(jobs: list[Job], actions: list[str] | None = None, title: str = "") -> None:
     """One row per job: name, shape, FFN width and ratio, parameters, deviation, syncs, decode speed-up, run key.
 
-    `adjusted` names the FFN widths the budget solver set after the hidden size (ffn+lane_ffn for a tpb with
-    classic layers under budget_fit=ffn, lane_ffn, ffn; hidden alone under budget_fit=hidden; - without a
-    budget); `ffn` is the lanes' FFN
-    width for tpb (every layer's otherwise) and `ffn ratio` that width over the lane / model hidden size,
-    shown beside the configured ratio (the report's 2.0) as `ratio (nominal)`; `non-emb` is params
-    without embedding tables.
+    `adjusted`: the FFN widths the budget solver set after the hidden size (hidden alone under budget_fit=hidden,
+    - without a budget); `ffn`: the lanes' FFN width for tpb (every layer's otherwise), `ffn ratio` that width
+    over the lane / model hidden size beside the configured one (the report's 2.0); `non-emb`: no embeddings.
     """
     from rich.console import Console
     from rich.table import Table

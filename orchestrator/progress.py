@@ -1,5 +1,5 @@
 """What the parent shows while jobs run: counts (queued / running / finished / failed) and each run's
-step and last loss, read from the tail of its run_dir/metrics.jsonl.
+step and last loss, read from the tail of its run_dir/metrics.jsonl (trainers/rundir.py).
 
 On a terminal: a live table (rich). Otherwise (logs, CI): one line per submitted or ended job and a
 summary line every 30 s.
@@ -7,31 +7,14 @@ summary line every 30 s.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from orchestrator.outcome import State
+from trainers.rundir import RunDir
+
 SUMMARY_EVERY_S = 30.0
-
-
-def last_row(run_dir: str | Path) -> dict[str, Any]:
-    """The last complete row of run_dir/metrics.jsonl ({} when there is none yet)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 4096))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return {}
-    for line in reversed(lines):
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return {}
 
 
 class Progress:
@@ -50,13 +33,13 @@ class Progress:
     def counts(self) -> dict[str, int]:
         """queued (not submitted yet), submitted (no step logged yet), running (training, here or, for
         `busy`, elsewhere), finished, failed, killed, skipped (finished before)."""
-        out = {"queued": 0, "submitted": 0, "running": 0, "finished": 0, "failed": 0, "killed": 0, "skipped": 0}
+        out = dict.fromkeys(map(str, (State.QUEUED, State.SUBMITTED, State.RUNNING, State.FINISHED, State.FAILED,
+                                       State.KILLED, State.SKIPPED)), 0)
         for item in self.items:
             state = item.state
-            if state == "submitted" and item.spec is not None and last_row(item.spec.run_dir):
-                state = "running"
-            state = "running" if state == "busy" else state
-            out[state] = out.get(state, 0) + 1
+            if state == State.SUBMITTED and item.spec is not None and RunDir(item.spec.run_dir).last_row():
+                state = State.RUNNING
+            out[str(state)] = out.get(str(state), 0) + 1
         return out
 
     def _say(self, text: str) -> None:
@@ -71,8 +54,8 @@ class Progress:
 
     def ended(self, item: Any) -> None:
         out = item.outcome
-        loss = out.get("train_loss")
-        detail = f"step {out.get('step')}, train_loss {loss:.4f}" if loss is not None else out.get("error", "")
+        loss = out.train_loss
+        detail = f"step {out.step}, train_loss {loss:.4f}" if loss is not None else out.error
         self._say(f"{item.state} {item.job.run_name}: {detail}")
 
     def refresh(self) -> None:
@@ -93,11 +76,13 @@ class Progress:
         for name in ("run", "state", "step", "train loss", "eval loss"):
             table.add_column(name, justify="left" if name in ("run", "state") else "right")
         for item in self.items:
-            row = last_row(item.spec.run_dir) if item.spec is not None and item.state == "submitted" else {}
-            step = row.get("step", item.outcome.get("step", ""))
-            loss = row.get("train_loss", item.outcome.get("train_loss"))
-            ev = row.get("eval_loss", item.outcome.get("eval_loss"))
-            table.add_row(item.job.run_name, item.state, f"{step}/{self.steps}" if step != "" else "",
+            live = item.spec is not None and item.state == State.SUBMITTED
+            row = RunDir(item.spec.run_dir).last_row() if live else {}
+            out = item.outcome
+            step = row.get("step", "" if out is None or out.step is None else out.step)
+            loss = row.get("train_loss", None if out is None else out.train_loss)
+            ev = row.get("eval_loss", None if out is None else out.eval_loss)
+            table.add_row(item.job.run_name, str(item.state), f"{step}/{self.steps}" if step != "" else "",
                           f"{loss:.4f}" if isinstance(loss, float) else "", f"{ev:.4f}" if isinstance(ev, float) else "")
         return table
 

@@ -4,7 +4,8 @@
 
 Left out, because they do not change what is trained: cluster, tracking, launcher settings,
 dry_run, detach, output_dir, the sweep name, the budget request (the solved shape stands for it),
-protocol.threads / compile (speed settings) / ckpt_every / keep_ckpts (resume is exact) and data.cache_dir. Fields an
+the protocol and data fields marked NON_RESULT in trainers/config.py (threads, compile, ckpt_every, keep_ckpts,
+cache_dir: speed, checkpointing, cache folder; the ranking of analysis/ranking.py reads the same list). Fields an
 architecture ignores are dropped too (every TPB field for llama / gpt2, comm_* when comm is off,
 classic-layer heads without classic layers), so a Llama baseline inside a TPB grid hashes the same
 for every lane_count and the launcher runs it once. Fields are excluded by name, so a field added
@@ -19,6 +20,7 @@ import json
 from typing import Any
 
 from models.config import ModelConfig
+from trainers.config import DataConfig, TrainConfig, non_result_fields
 
 KEY_VERSION = 1
 TPB_FIELDS = frozenset({
@@ -27,8 +29,8 @@ TPB_FIELDS = frozenset({
 })
 COMM_FIELDS = frozenset({"comm_start", "comm_interleave", "comm_length", "comm_reduction"})
 CLASSIC_FIELDS = frozenset({"n_heads", "n_kv_heads", "ffn_mult"})
-PROTOCOL_IGNORED = frozenset({"threads", "compile", "ckpt_every", "keep_ckpts"})
-DATA_IGNORED = frozenset({"cache_dir"})
+PROTOCOL_IGNORED = non_result_fields(TrainConfig)
+DATA_IGNORED = non_result_fields(DataConfig)
 
 
 def ignored_architecture_fields(cfg: ModelConfig) -> frozenset[str]:

@@ -4,11 +4,9 @@
     python -m orchestrator.status --sweep lane_count --tracking-uri postgresql://mlflow@db/mlflow
     python -m orchestrator.status                  # the sweeps (experiments) of the store
 
-The runs are those with a run key: the sweep's parent run (it holds the report) is not one of them.
-The last line is the URL of the sweep's runs table in MLflow's UI. The step and loss come from the
-run's metrics.jsonl when its run folder is readable from here (the freshest view: MLflow receives rows
-at checkpoints), else from MLflow. A RUNNING run whose heartbeat
-is stale and whose job is gone is marked KILLED first (re-running the sweep command resumes it).
+The runs are those with a run key (not the sweep's parent run); the last line is the URL of the runs table.
+Step and loss come from the run's metrics.jsonl when readable from here (fresher than MLflow, which gets rows
+at checkpoints). A stale RUNNING run whose job is gone is marked KILLED first (a re-run resumes it).
 Exit code 2 when the store or the sweep does not exist.
 """
 
@@ -20,21 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ConfigError, TrackingConfig
-from orchestrator.progress import last_row
-from orchestrator.tracking import client as open_client
-from orchestrator.tracking import reap, resolve_uri, runs_by_key, sqlite_path, ui_lines
-
-
-def newest_checkpoint(run_dir: str) -> str:
-    folder = Path(run_dir) / "checkpoints"
-    done = sorted(p for p in folder.glob("step_*.pt") if p.with_suffix(".sha256").exists()) if folder.is_dir() else []
-    return str(done[-1]) if done else ""
+from orchestrator.tracking.liveness import reap
+from orchestrator.tracking.store import client as open_client
+from orchestrator.tracking.store import resolve_uri, runs_by_key, sqlite_path
+from orchestrator.tracking.ui import ui_lines
+from trainers.rundir import RunDir
 
 
 def describe(mlflow_client, run: Any) -> dict[str, Any]:
     tags, metrics = run.data.tags, run.data.metrics
-    run_dir = tags.get("run_dir", "")
-    row = last_row(run_dir) if run_dir else {}
+    run_dir = RunDir(tags["run_dir"]) if tags.get("run_dir") else None
+    row = run_dir.last_row() if run_dir else {}
     step = row.get("step")
     if step is None and "train_loss" in metrics:
         history = mlflow_client.get_metric_history(run.info.run_id, "train_loss")
@@ -43,7 +37,7 @@ def describe(mlflow_client, run: Any) -> dict[str, Any]:
         "run": run.info.run_name, "state": run.info.status, "step": step,
         "steps": run.data.params.get("protocol.steps", "?"),
         "train_loss": row.get("train_loss", metrics.get("train_loss")),
-        "eval_loss": metrics.get("eval_loss"), "checkpoint": newest_checkpoint(run_dir) if run_dir else "",
+        "eval_loss": metrics.get("eval_loss"), "checkpoint": run_dir.newest_checkpoint() if run_dir else "",
         "run_key": tags.get("run_key", ""), "note": tags.get("error") or tags.get("killed_reason") or "",
     }
 

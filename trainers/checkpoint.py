@@ -19,7 +19,6 @@ import hashlib
 import io
 import os
 import random
-import re
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -29,8 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainers.rundir import RunDir
+
 FORMAT = 1
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
 @dataclass
@@ -91,7 +91,7 @@ class Checkpoint:
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -110,13 +110,13 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
         "optimizer": optimizer.state_dict(),
         "resume": [r.state_dict() for r in resume],
     }
-    path = folder / f"step_{step:08d}.pt"
+    path = RunDir(run_dir).checkpoint(step)
     buffer = io.BytesIO()  # serialise first: torch's zip writer hides ENOSPC behind "unexpected pos"
     torch.save(payload, buffer)
     _atomic_write(path, lambda f: f.write(buffer.getbuffer()))
     digest = _sha256(path)
     _atomic_write(path.with_suffix(".sha256"), lambda f: f.write(digest.encode()))
-    _prune(folder, keep)
+    _prune(RunDir(run_dir), keep)
     return path
 
 
@@ -127,7 +127,7 @@ def load_latest(run_dir: str | Path) -> Checkpoint | None:
     RuntimeError when checkpoints exist but none of them loads.
     """
     errors = []
-    for step, path in reversed(_complete(checkpoint_dir(run_dir))):
+    for step, path in reversed(RunDir(run_dir).complete_checkpoints()):
         try:
             return _load(path, step)
         except Exception as error:  # any failure to verify / unpickle / parse means "corrupt"
@@ -150,23 +150,11 @@ def _load(path: Path, step: int) -> Checkpoint:
                       resume=[ResumeState.from_state_dict(r) for r in data["resume"]], path=path)
 
 
-def _complete(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of checkpoints whose .sha256 marker exists, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = _NAME.match(path.name)
-        if match and path.with_suffix(".sha256").exists():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def _prune(folder: Path, keep: int) -> None:
-    for _, path in _complete(folder)[:-keep]:
+def _prune(run_dir: RunDir, keep: int) -> None:
+    for _, path in run_dir.complete_checkpoints()[:-keep]:
         path.with_suffix(".sha256").unlink(missing_ok=True)  # marker first: never a marker without data
         path.unlink(missing_ok=True)
-    for path in folder.glob(".tmp-*"):  # leftovers of a save that crashed
+    for path in run_dir.checkpoints.glob(".tmp-*"):  # leftovers of a save that crashed
         path.unlink(missing_ok=True)
 
 

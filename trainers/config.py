@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+NON_RESULT = {"result": False}
+"""Field metadata of a setting that never changes a run's result (speed, checkpointing, cache folder): the one
+list, read by the run key (orchestrator/runkey.py) and the configurations of a ranking (analysis/ranking.py)."""
 SOURCES = ("stdlib", "hub", "files")
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("fp32", "bf16")
@@ -41,7 +44,7 @@ class DataConfig:
     reshuffle: bool = False
     """Re-permute the train windows each epoch (epoch e uses a permutation seeded from (seed, e));
     false: every epoch serves the same permutation."""
-    cache_dir: str = ""
+    cache_dir: str = field(default="", metadata=NON_RESULT)
     """Where tokenized, packed arrays are cached ('' = $TPB_CACHE or ~/.cache/tpb-sweeps)."""
 
     def __post_init__(self) -> None:
@@ -95,13 +98,13 @@ class TrainConfig:
     eval_every: int = 50
     """Eval loss on the held-out split every N steps (and at the end); 0 = only at the end."""
     eval_batches: int = 4
-    ckpt_every: int = 50
+    ckpt_every: int = field(default=50, metadata=NON_RESULT)
     """Checkpoint every N steps (and at the end)."""
-    keep_ckpts: int = 2
+    keep_ckpts: int = field(default=2, metadata=NON_RESULT)
     seed: int = 0
-    threads: int = 0
+    threads: int = field(default=0, metadata=NON_RESULT)
     """torch intra-op threads per process (0 = leave torch's default)."""
-    compile: bool = False
+    compile: bool = field(default=False, metadata=NON_RESULT)
     """torch.compile the model's forward (in place: checkpoints keep their keys). Fuses the elementwise
     work around the matmuls; pays off on long runs (the first steps wait for compilation, ~10-30 s)."""
 
@@ -141,3 +144,14 @@ class TrainConfig:
                 f"world_size = {self.micro_batch} x {self.context} x {world_size} = {per_micro}"
             )
         return self.batch_tokens // per_micro
+
+
+def non_result_fields(cls: type) -> frozenset[str]:
+    """Fields of a config dataclass marked NON_RESULT."""
+    return frozenset(f.name for f in fields(cls) if f.metadata.get("result") is False)
+
+
+def non_result_params() -> frozenset[str]:
+    """The NON_RESULT fields as MLflow param names: protocol.threads, data.cache_dir, ..."""
+    return frozenset({*(f"protocol.{n}" for n in non_result_fields(TrainConfig)),
+                      *(f"data.{n}" for n in non_result_fields(DataConfig))})

@@ -1,8 +1,8 @@
 """torch.distributed set-up from the environment: torchrun, or Slurm through submitit.
 
 torchrun exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under Slurm (srun or a
-submitit job with SLURM_NTASKS > 1) and without those variables, submitit's TorchDistributedEnvironment
-derives and exports them. A single process (no variables) runs without a process group and without DDP.
+submitit job with SLURM_NTASKS > 1), or in a local submitit job with several tasks, and without those
+variables, submitit's TorchDistributedEnvironment derives and exports them (export_rank_env). A single process (no variables) runs without a process group and without DDP.
 Backend: nccl when CUDA is available, gloo on CPU.
 """
 
@@ -33,23 +33,34 @@ class DistEnv:
         return self.world_size > 1
 
 
-def _export_slurm_env() -> None:
-    """Fill the torchrun variables from Slurm when a multi-task Slurm job did not set them."""
-    if "RANK" in os.environ or "SLURM_JOB_ID" not in os.environ:
-        return
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        from submitit.helpers import TorchDistributedEnvironment
+def env_rank() -> int:
+    """This process's global rank from the environment (torchrun, Slurm or a local submitit task), before
+    any export: 0 for a single process."""
+    for var in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
 
+
+def export_rank_env() -> None:
+    """Fill the torchrun variables (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*) when a multi-task job did not
+    set them: a Slurm job (srun or submitit) or a local submitit job with several tasks."""
+    if "RANK" in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         # submitit sets SUBMITIT_EXECUTOR in its own jobs; a plain srun task is a Slurm task all the same
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
-
         # overwrite: a MASTER_PORT set by the user is kept (submitit reads it), the rest is derived from Slurm
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def init_distributed() -> DistEnv:
     """Read the environment, start the process group when world size > 1, pick the device."""
-    _export_slurm_env()
+    export_rank_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -8,8 +8,10 @@
         _stop_reason()  SIGUSR2 / SIGTERM (preempted) or should_stop (stopped), agreed by all ranks
         _checkpoint()   every ckpt_every steps, at the end, and before returning early
 
-Exit statuses: "finished" (all steps done), "preempted" (a signal asked to stop: requeue and run the
-same command again to resume), "stopped" (should_stop returned True, e.g. an Optuna pruner).
+Exit statuses: "finished" (all steps done), "preempted" (a signal asked to stop, TrainResult.signal says
+which: SIGUSR2 = preemption / timeout, requeue; SIGTERM = cancelled; run the same command again to
+resume), "stopped" (should_stop returned True, e.g. an Optuna pruner). The logger's flush() is called right
+after each checkpoint only, so every flush commits the rows it was handed so far.
 Non-finite loss or grad norm raises NonFiniteError before the optimizer step; checkpoints are untouched.
 """
 
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from analysis.devices import peak_flops_of
 from models import build_model
 from models.config import ModelConfig
 from models.counts import flops_per_token
@@ -49,8 +52,9 @@ from trainers.distributed import (
     wrap,
 )
 from trainers.loader import Loader, eval_batches
-from trainers.logging import JsonlLogger, MetricLogger, MultiLogger
+from trainers.metrics_log import JsonlLogger, MetricLogger, MultiLogger
 from trainers.optim import build_optimizer, lr_at, set_lr
+from trainers.rundir import RunDir
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
@@ -67,6 +71,8 @@ class TrainResult:
     train_loss: float
     eval_loss: float | None
     tokens: int
+    signal: int | None = None
+    """preempted: the signal that stopped the run (SIGUSR2 wins when ranks received different ones)."""
 
 
 def peak_flops(device: torch.device, precision: str) -> float:
@@ -75,16 +81,15 @@ def peak_flops(device: torch.device, precision: str) -> float:
     $TPB_PEAK_FLOPS when set (e.g. 989e12 for an H100's dense bf16). Otherwise, on CPU, the measured
     rate of a 1024 x 1024 matmul in the run's precision on this process's threads (fastest of 5, about
     0.1 s once per process): MFU on CPU is then "fraction of the achievable matmul rate", and it is only
-    as steady as the machine's load. On CUDA, the device's dense bf16 peak from a short table (fp32
-    taken as bf16 / 2; 1e14 for unknown devices).
+    as steady as the machine's load. On CUDA, the device's dense bf16 peak from the device table of
+    analysis/devices.py (fp32 taken as bf16 / 2; 1e14 for unknown devices).
     """
     if os.environ.get("TPB_PEAK_FLOPS"):
         return float(os.environ["TPB_PEAK_FLOPS"])
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12}
-        peak = next((v for k, v in table.items() if k in name), 1e14)
+        peak = peak_flops_of(name) or 1e14
         return peak if dtype == torch.bfloat16 else peak / 2
     return _measured_cpu_flops(dtype)
 
@@ -172,7 +177,7 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_d
     state = _resume(run_dir, bare, optimizer, loader, env)
     model = wrap(bare, env)
 
-    local = JsonlLogger(run_dir / "metrics.jsonl", keep_through=state.step) if env.is_main else None
+    local = JsonlLogger(RunDir(run_dir).metrics, keep_through=state.step) if env.is_main else None
     return _Run(env=env, cfg=cfg, model=model, optimizer=optimizer, loader=loader, test_tokens=data.test,
                 unigram_entropy=data.unigram_entropy,
                 accum=accum, run_dir=run_dir, state=state,
@@ -288,15 +293,17 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def _stop_reason(run: _Run, signals: _StopSignals, should_stop, metrics: dict[str, float]) -> str | None:
-    """'preempted' / 'stopped' / None, the same answer on every rank."""
+def _stop_reason(run: _Run, signals: _StopSignals, should_stop, metrics: dict[str, float]
+                 ) -> tuple[str, int | None] | None:
+    """('preempted', signal) / ('stopped', None) / None, the same answer on every rank."""
     stop = bool(run.env.is_main and should_stop is not None and should_stop(run.state.step, metrics))
-    flags = torch.tensor([float(signals.received is not None), float(stop)])
+    flags = torch.tensor([float(signals.received == sig) for sig in STOP_SIGNALS] + [float(stop)])
     flags = all_reduce_sum(flags.to(run.env.device), run.env).cpu()
-    if flags[0] > 0:
-        return "preempted"
-    if flags[1] > 0:
-        return "stopped"
+    for sig, flag in zip(STOP_SIGNALS, flags, strict=False):
+        if flag > 0:
+            return "preempted", int(sig)
+    if flags[-1] > 0:
+        return "stopped", None
     return None
 
 
@@ -318,7 +325,7 @@ def _due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def _run_steps(run: _Run, signals: _StopSignals, should_stop) -> str:
+def _run_steps(run: _Run, signals: _StopSignals, should_stop) -> tuple[str, int | None]:
     cfg, state = run.cfg, run.state
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not run.env.is_main, mininterval=1.0,
                desc="train", unit="step")
@@ -340,7 +347,7 @@ def _run_steps(run: _Run, signals: _StopSignals, should_stop) -> str:
                 _checkpoint(run)
             if reason:
                 return reason
-        return "finished"
+        return "finished", None
     finally:
         bar.close()
 
@@ -356,14 +363,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, 
     try:
         run = _setup(model_cfg, train_cfg, data_cfg, run_dir, env, logger)
         with _StopSignals() as signals:
-            status = _run_steps(run, signals, should_stop)
+            status, stopped_by = _run_steps(run, signals, should_stop)
         s = run.state
         barrier(env)  # ranks leave together: a rank tearing down gloo under a busy peer can abort it
         return TrainResult(status=status, step=s.step, train_loss=s.train_loss, eval_loss=s.eval_loss,
-                           tokens=s.tokens)
-    finally:
-        if run is not None and run.logger is not None:
-            run.logger.flush()
+                           tokens=s.tokens, signal=stopped_by)
+    finally:  # no logger.flush() here: rows past the last checkpoint are not committed
+        if run is not None and run.local is not None:
             run.local.close()
         if owns_group:
             cleanup()

@@ -1,1 +1,0 @@
-"""Hydra plugins `hydra/launcher=tpb` and `hydra/sweeper=tpb_grid` (thin faces of orchestrator.launcher / grid)."""

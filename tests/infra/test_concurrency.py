@@ -37,7 +37,7 @@ FORK = textwrap.dedent('''
     if mode == "optuna":
         import optuna
 
-        from orchestrator.study import open_storage
+        from orchestrator.study.driver import open_storage
     else:  # imported once, before the fork
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
         import torch
@@ -45,7 +45,7 @@ FORK = textwrap.dedent('''
 
         from orchestrator.tracking import MlflowLogger, open_experiment
         from trainers.checkpoint import ResumeState, save
-        from trainers.logging import JsonlLogger, MultiLogger
+        from trainers.metrics_log import JsonlLogger, MultiLogger
 
 
     def value(proc, step, k):
@@ -198,7 +198,7 @@ def test_sixteen_parents_create_a_fresh_postgresql_store_at_once(orch, pg_fresh_
 OPTUNA_WORKER = textwrap.dedent('''
     import sys, time
     import optuna
-    from orchestrator.study import open_storage
+    from orchestrator.study.driver import open_storage
 
     url, start, n_trials = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -234,7 +234,7 @@ def test_sixteen_sweepers_create_a_fresh_optuna_storage_on_postgresql_at_once(or
 def test_eight_optuna_workers_x_5_trials_on_postgresql_finish_exactly_40(orch, pg_fresh_url):
     import optuna
 
-    from orchestrator.study import open_storage
+    from orchestrator.study.driver import open_storage
 
     storage = open_storage(pg_fresh_url)  # the parent creates the schema and the study, as the sweeper does
     optuna.create_study(study_name="workers", storage=storage)

@@ -2,7 +2,7 @@
 127.0.0.1 against its store, opened in headless Chromium driven over the DevTools protocol (the React app runs,
 the test clicks and reads the text it rendered).
 
-- The URL the sweep prints (orchestrator.tracking.runs_table_url) opens the runs table, not MLflow 3's GenAI
+- The URL the sweep prints (orchestrator.tracking.ui.runs_table_url) opens the runs table, not MLflow 3's GenAI
   overview: the sweep's parent run, its two runs nested under it once unfolded, and the columns the URL's
   saved view picks (recipe, lane count, n_params, losses). Screenshot test-artifacts/mlflow_runs_table.png.
 - The same URL in chart mode compares train_loss across the runs: test-artifacts/mlflow_charts.png.
@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.tracking import UI_BASE, runs_table_url
+from orchestrator.tracking.ui import UI_BASE, runs_table_url
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

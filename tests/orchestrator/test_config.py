@@ -33,6 +33,7 @@ def compose():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    import hydra_plugins.tpb_grid_sweeper.tpb_grid_sweeper  # noqa: F401
     import hydra_plugins.tpb_launcher.tpb_launcher  # noqa: F401  (stores the sweeper / launcher configs)
     from orchestrator.config import register_configs
 
@@ -142,7 +143,7 @@ def sweeper_batch(compose, arguments: list[str]) -> list[list[str]]:
 
     from hydra.core.global_hydra import GlobalHydra
 
-    from hydra_plugins.tpb_launcher.tpb_launcher import TpbGridSweeper
+    from hydra_plugins.tpb_grid_sweeper.tpb_grid_sweeper import TpbGridSweeper
 
     cfg = compose("config", overrides=arguments, return_hydra_config=True)
     sweeper = TpbGridSweeper(params=cfg.hydra.sweeper.get("params"), grids=cfg.hydra.sweeper.get("grids"))
@@ -193,3 +194,16 @@ def test_seeds_takes_one_number(compose):
 
     with pytest.raises(ConfigError, match="seeds takes one number"):
         expand(GlobalHydra.instance().config_loader(), None, None, ["seeds=1,2"])
+
+
+def test_a_budget_leaves_the_hidden_size_to_be_solved(compose):
+    """budget > 0: architecture.hidden becomes None (to be solved), whatever the YAML says, so a structure the
+    YAML's hidden does not fit (3 lanes of hidden 256) converts; budget=0 keeps it, and refuses null."""
+    run = to_run_config(compose("config", overrides=["architecture=sandwich", "architecture.lane_count=3"]))
+    assert run.budget > 0 and run.architecture.hidden is None
+    kept = to_run_config(compose("config", overrides=["budget=0", "architecture.hidden=96"]))
+    assert kept.architecture.hidden == 96
+    with pytest.raises(ConfigError, match="lane_count=3 does not divide hidden=256"):
+        to_run_config(compose("config", overrides=["budget=0", "architecture=sandwich", "architecture.lane_count=3"]))
+    with pytest.raises(ConfigError, match=r"architecture.hidden=null .* needs a budget"):
+        to_run_config(compose("config", overrides=["budget=0", "architecture.hidden=null"]))

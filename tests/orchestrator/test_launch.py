@@ -224,13 +224,13 @@ def test_killed_and_preempted_jobs_resume_into_the_same_run_with_the_same_curve(
 
 SLOW_READ = """
 import sys, time
-import orchestrator.tracking as tracking
-read = tracking.runs_by_key
+import orchestrator.tracking.store as store
+read = store.runs_by_key
 def slow_read(*args):  # widen the gap between reading the store and claiming runs, so that the race is certain
     found = read(*args)
     time.sleep(3)
     return found
-tracking.runs_by_key = slow_read
+store.runs_by_key = slow_read
 import runpy
 runpy.run_module("orchestrator", run_name="__main__", alter_sys=True)  # as `python -m orchestrator`
 """

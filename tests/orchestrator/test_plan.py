@@ -34,6 +34,7 @@ def hydra_env():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    import hydra_plugins.tpb_grid_sweeper.tpb_grid_sweeper  # noqa: F401
     import hydra_plugins.tpb_launcher.tpb_launcher  # noqa: F401
     from orchestrator.config import register_configs
 
@@ -129,7 +130,7 @@ def test_unsolvable_budget_names_the_setting(hydra_env):
 
 def test_dry_run_shows_the_fit_and_the_run_logs_it(hydra_env, capsys):
     from orchestrator.plan import print_plan
-    from orchestrator.tracking import run_params
+    from orchestrator.tracking.store import run_params
 
     jobs, _ = dedupe(sweep_jobs(hydra_env, "lane_count", "small"))
     burger16 = next(j for j in jobs if j.run.architecture.label() == "burger-L16-d12-b1-c1")

@@ -16,16 +16,16 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from orchestrator.study import (
+from orchestrator.grid import override_value
+from orchestrator.study.config import StudyConfig
+from orchestrator.study.driver import (
     STALE_ERROR,
     finished_count,
     make_sampler,
     open_study,
-    override_value,
     run_study,
 )
-from orchestrator.study_config import StudyConfig
-from orchestrator.study_trial import TrialRef, make_should_stop
+from orchestrator.study.trial import TrialRef, make_should_stop
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -52,15 +52,23 @@ def launch(scripts):
     return outcomes
 
 
-def quadratic_job(params, sleep=0.0):
-    """loss = (log2 lanes - 1)^2 + 100 * lr, with start / end times to check the overlap."""
+def quadratic_job(params, meet=None):
+    """loss = (log2 lanes - 1)^2 + 100 * lr. meet=(folder, n): a rendezvous, the job waits (60 s at most) until n
+    jobs have arrived in folder and reports how many it saw ("met"), so that jobs provably ran at the same time
+    (a count, not timestamps compared against a sleep)."""
     lanes, lr = params["architecture.lane_count"], params["protocol.lr"]
+    folder, peers = meet or ("", 1)
     return textwrap.dedent(f"""
-        import json, math, time
-        t0 = time.time(); time.sleep({sleep})
+        import json, math, os, time
+        folder, peers, met = {str(folder)!r}, {peers}, 1
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            open(os.path.join(folder, str(os.getpid())), "w").close()
+            deadline = time.monotonic() + 60
+            while (met := len(os.listdir(folder))) < peers and time.monotonic() < deadline:
+                time.sleep(0.01)
         loss = (math.log2({lanes}) - 1) ** 2 + 100 * {lr}
-        print(json.dumps({{"status": "finished", "eval_loss": loss, "train_loss": loss + 0.5, "t0": t0,
-                          "t1": time.time()}}))
+        print(json.dumps({{"status": "finished", "eval_loss": loss, "train_loss": loss + 0.5, "met": met}}))
     """)
 
 
@@ -143,11 +151,11 @@ def test_override_values_follow_hydra_grammar():
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
 def test_six_trial_tpe_study_two_in_parallel_completes(tmp_path, storage):
     cfg = study_cfg(tmp_path, storage)
-    evaluate = Recorder(lambda j: quadratic_job(j.params, sleep=0.3))
+    evaluate = Recorder(lambda j: quadratic_job(j.params, meet=(tmp_path / f"batch{j.number // 2}", 2)))
     study = run_study(cfg, evaluate, echo=quiet)
     assert evaluate.batches == [[0, 1], [2, 3], [4, 5]]
-    for a, b in evaluate.outcomes:  # the two jobs of a batch ran at the same time
-        assert a["t0"] < b["t1"] and b["t0"] < a["t1"]
+    # the two jobs of a batch ran at the same time: each saw both arrive at its batch's rendezvous
+    assert [[o["met"] for o in batch] for batch in evaluate.outcomes] == [[2, 2]] * 3
     trials = study.get_trials()
     assert [t.number for t in trials] == [0, 1, 2, 3, 4, 5]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
@@ -237,8 +245,8 @@ def test_stale_running_trial_of_a_dead_parent_is_failed_on_start(tmp_path):
     cfg = study_cfg(tmp_path, n_trials=3)
     dead_parent = textwrap.dedent(f"""
         import os, signal
-        from orchestrator.study import open_study
-        from orchestrator.study_config import StudyConfig
+        from orchestrator.study.driver import open_study
+        from orchestrator.study.config import StudyConfig
         cfg = StudyConfig(name="s", storage={cfg.storage!r}, space={SPACE!r})
         open_study(cfg).ask(cfg.distributions())
         os.kill(os.getpid(), signal.SIGKILL)
@@ -294,7 +302,7 @@ def reporting_job(cfg, number, curve):
     """A job that reports a loss curve through make_should_stop, in its own process."""
     return textwrap.dedent(f"""
         import json
-        from orchestrator.study_trial import make_should_stop
+        from orchestrator.study.trial import make_should_stop
         should_stop = make_should_stop({cfg.storage!r}, {cfg.name!r}, {number}, "train_loss", every=2)
         curve = {curve!r}
         for step, loss in enumerate(curve, start=1):
@@ -327,7 +335,7 @@ def eval_reporting_job(cfg, number, curve, eval_every=3):
     make_should_stop with its default metric (eval_loss) reports those."""
     return textwrap.dedent(f"""
         import json
-        from orchestrator.study_trial import make_should_stop
+        from orchestrator.study.trial import make_should_stop
         should_stop = make_should_stop({cfg.storage!r}, {cfg.name!r}, {number})
         curve = {curve!r}
         for step, loss in enumerate(curve, start=1):

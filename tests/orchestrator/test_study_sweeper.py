@@ -16,15 +16,15 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from orchestrator.study import finished_count, open_study
-from orchestrator.study_config import StudyConfig
+from orchestrator.study.config import StudyConfig
+from orchestrator.study.driver import finished_count, open_study
 
 ROOT = Path(__file__).resolve().parents[2]
 
 APP = """
 import json
 import hydra
-from orchestrator.study_trial import TrialRef
+from orchestrator.study.trial import TrialRef
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -14,21 +15,10 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import ConfigError
-from orchestrator.tracking import (
-    UI_BASE,
-    VIEW_KEY,
-    VIEW_TAG,
-    MlflowLogger,
-    check_store,
-    check_writable,
-    open_experiment,
-    reap,
-    resolve_uri,
-    runs_by_key,
-    runs_table_url,
-    ui_lines,
-    view_state,
-)
+from orchestrator.tracking.job_logger import MlflowLogger
+from orchestrator.tracking.liveness import reap
+from orchestrator.tracking.store import check_store, check_writable, open_experiment, resolve_uri, runs_by_key
+from orchestrator.tracking.ui import UI_BASE, VIEW_KEY, VIEW_TAG, runs_table_url, ui_lines, view_state
 
 
 def write_rows(run_dir: Path, steps: range, keep_through: int | None = None) -> None:
@@ -83,6 +73,12 @@ def test_checks_write_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def hand(logger: MlflowLogger, steps: range) -> None:
+    """The trainer's side: the rows it hands to the logger, the same values write_rows puts in metrics.jsonl."""
+    for s in steps:
+        logger.log({"train_loss": 10.0 - s / 10, "lr": 0.001 * s}, s)
+
+
 def test_logger_sends_committed_rows_once_across_crashes(store, tmp_path):
     uri, client, experiment = store
     run_id = client.create_run(experiment).info.run_id
@@ -91,28 +87,33 @@ def test_logger_sends_committed_rows_once_across_crashes(store, tmp_path):
 
     first = MlflowLogger(uri, run_id, run_dir, heartbeat_s=0.2)
     write_rows(run_dir, range(1, 4))
-    first.log({}, 1)
+    hand(first, range(1, 4))
     checkpoint(run_dir, 3)
     first.flush()  # returns at once, the thread sends
     eventually(lambda: steps_of(client, run_id) == [1, 2, 3])
     assert client.get_run(run_id).info.status == "RUNNING"
-    time.sleep(0.5)
-    assert time.time() - int(client.get_run(run_id).data.tags["heartbeat"]) < 2
+    connected = int(client.get_run(run_id).data.tags["heartbeat"])  # it beats: a later time replaces it
+    eventually(lambda: int(client.get_run(run_id).data.tags["heartbeat"]) > connected)
     write_rows(run_dir, range(4, 7), keep_through=3)
+    hand(first, range(4, 7))
     checkpoint(run_dir, 6)  # crash here: checkpoint 6 written, its flush never happened
     first._stop.set()  # the process dies: its thread stops, nothing more is sent
     first._wake.set()
     first._thread.join()
     assert steps_of(client, run_id) == [1, 2, 3]
 
-    # the resumed job: the trainer keeps rows <= 6 and logs 7..9 (plus rows past the checkpoint that a crash
+    # the resumed job: the trainer keeps rows <= 6 and hands 7..9 (plus rows past the checkpoint that a crash
     # after a flush left: 7 was in the old file and is rewritten identically)
     second = MlflowLogger(uri, run_id, run_dir, heartbeat_s=30)
     write_rows(run_dir, range(7, 10), keep_through=6)
-    second.log({}, 7)
-    second.flush()  # newest checkpoint is still 6: rows 4..6 (the gap) go, 7..9 wait for their checkpoint
+    hand(second, range(7, 9))
+    # once connected: rows 4..6 (the gap, committed by checkpoint 6) go from metrics.jsonl; 7, 8 wait for a checkpoint
     eventually(lambda: steps_of(client, run_id) == [1, 2, 3, 4, 5, 6])
+    time.sleep(0.5)
+    assert steps_of(client, run_id) == [1, 2, 3, 4, 5, 6]
+    hand(second, range(9, 10))
     checkpoint(run_dir, 9)
+    second.flush()
     second.close("FINISHED")
     assert steps_of(client, run_id) == list(range(1, 10)) == steps_of(client, run_id, "lr")
     values = [m.value for m in sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)]
@@ -124,19 +125,41 @@ def test_logger_sends_committed_rows_once_across_crashes(store, tmp_path):
     assert len(client.get_metric_history(run_id, "train_loss")) == 9
 
 
+def test_logger_sends_only_the_rows_handed_through_the_final_step(store, tmp_path):
+    """close(limit=step) commits the rows handed through the run's final checkpoint, never those past it."""
+    uri, client, experiment = store
+    run_id = client.create_run(experiment).info.run_id
+    logger = MlflowLogger(uri, run_id, tmp_path / "run", heartbeat_s=30)
+    hand(logger, range(1, 6))
+    assert logger.close("KILLED", limit=4)
+    assert steps_of(client, run_id) == [1, 2, 3, 4]
+
+
 def test_logger_never_blocks_training_on_an_unreachable_store(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     write_rows(run_dir, range(1, 3))
     checkpoint(run_dir, 2)
-    logger = MlflowLogger("http://127.0.0.1:9", "0" * 32, run_dir, heartbeat_s=30)
-    start = time.perf_counter()
+    events, arrived, gate = [], threading.Event(), threading.Event()
+
+    class Gated(MlflowLogger):
+        """The store answers only once the gate opens: log() and flush() must return while it is shut."""
+
+        def _connect(self):
+            arrived.set()
+            events.append("store reached" if gate.wait(60) else "store reached after 60 s shut")
+            return super()._connect()
+
+    logger = Gated("http://127.0.0.1:9", "0" * 32, run_dir, heartbeat_s=30)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logger.log({}, 1)
+        assert arrived.wait(60)  # the background thread is now held at the store
         logger.flush()  # returns at once: the background thread meets the dead store
-        assert time.perf_counter() - start < 0.5
+        events.append("log and flush returned")
+        gate.set()
         assert logger.close("FINISHED", retries=0) is False  # the rows stay in metrics.jsonl
+    assert events[:2] == ["log and flush returned", "store reached"]  # an order, not a wall-clock bound
     assert "127.0.0.1" in logger.last_error or "Connection" in logger.last_error
 
 
@@ -189,22 +212,6 @@ def test_slurm_executor_gets_nodes_gpus_tasks_signal_and_array_cap(monkeypatch, 
                  "#SBATCH --signal=USR2@120", "#SBATCH --job-name=tpb-sweepx", "module load rocm"):
         assert line in script, line
     assert executor.parameters["array_parallelism"] == 16
-
-
-def test_signal_witness_sees_signals_whatever_handler_runs():
-    """The job requeues only on SIGUSR2 (preemption); it learns which signal came although the trainer's
-    own handler caught it."""
-    import signal
-
-    from orchestrator.job import SignalWitness
-
-    with SignalWitness() as witness:
-        previous = signal.signal(signal.SIGUSR2, lambda signum, frame: None)
-        os.kill(os.getpid(), signal.SIGUSR2)
-        time.sleep(0.01)
-        signal.signal(signal.SIGUSR2, previous)
-    assert witness.received == {signal.SIGUSR2}
-
 
 
 # --- the sweep in MLflow's UI: experiment tags, the runs-table URL, the parent run ------------------------

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the project importable wi
 from models.config import ModelConfig  # noqa: E402
 from trainers import loop  # noqa: E402
 from trainers.config import DataConfig, TrainConfig  # noqa: E402
-from trainers.logging import read_jsonl  # noqa: E402
+from trainers.metrics_log import read_jsonl  # noqa: E402
 
 EXIT_CODES = {"finished": 0, "preempted": 3, "stopped": 4}
 EXIT_NONFINITE = 5

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import signal
 
 import pytest
+import torch
 from torch._dynamo.utils import counters
 
 from models import build_model
@@ -15,7 +17,7 @@ from tests.trainers.helpers import tiny_data, tiny_model, tiny_train
 from trainers import checkpoint as ckpt
 from trainers import loop
 from trainers.data import prepare_data
-from trainers.logging import BufferedLogger, JsonlLogger, MultiLogger, read_jsonl
+from trainers.metrics_log import JsonlLogger, MultiLogger, read_jsonl
 from trainers.optim import lr_at
 
 METRICS = {"train_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu"}
@@ -166,6 +168,46 @@ def test_grad_inf_raises_before_the_update_and_keeps_checkpoints(data_cfg, tmp_p
     assert digest == (tmp_path / "checkpoints" / "step_00000002.sha256").read_text()  # the good one, intact
 
 
+def _snapshot(run) -> tuple[list[torch.Tensor], dict]:
+    return [p.detach().clone() for p in run.params], copy.deepcopy(run.optimizer.state_dict())
+
+
+@pytest.mark.parametrize("poison", ["grad_inf", "loss_nan"])
+def test_non_finite_step_leaves_parameters_and_optimizer_state_at_the_last_good_step(data_cfg, tmp_path,
+                                                                                    monkeypatch, poison):
+    """The NaN / inf check comes before optimizer.step(): after the NonFiniteError of step 3 the parameters and
+    the AdamW state (moments, step counts, learning rate) are bitwise those after step 2, the last good step."""
+    step_fn, seen = loop.train_step, {}
+
+    def watched(run, n):
+        seen["run"] = run
+        if n == 3 and poison == "grad_inf":
+            run.params[0].register_hook(lambda g: g.fill_(math.inf))
+        if n == 3 and poison == "loss_nan":
+            original = loop._loss
+            monkeypatch.setattr(loop, "_loss", lambda *args: original(*args) * math.nan)
+        metrics = step_fn(run, n)
+        seen[n] = _snapshot(run)
+        return metrics
+
+    monkeypatch.setattr(loop, "train_step", watched)
+    problem = "grad norm is inf" if poison == "grad_inf" else "loss is nan, grad norm is nan"
+    with pytest.raises(loop.NonFiniteError, match=rf"^step 3: {problem} \(stopped before the optimizer step\)$"):
+        loop.train(tiny_model(), tiny_train(), data_cfg, tmp_path)
+    assert [n for n in seen if n != "run"] == [1, 2]
+    run, (params, state) = seen["run"], seen[2]
+    assert len(run.params) == len(params) > 0
+    for name, (good, now) in enumerate(zip(params, run.params, strict=True)):
+        assert torch.equal(now, good), f"parameter {name} changed by the non-finite step"
+    now = run.optimizer.state_dict()
+    assert now["param_groups"] == state["param_groups"]  # not even the learning rate of step 3 was set
+    assert now["state"].keys() == state["state"].keys() and len(now["state"]) == len(params)
+    for index, moments in state["state"].items():
+        assert moments.keys() == now["state"][index].keys() and float(moments["step"]) == 2
+        for key, value in moments.items():
+            assert torch.equal(now["state"][index][key], value), f"optimizer state {index}.{key} changed"
+
+
 # --- input errors: raised before any step (no metrics, no checkpoint) ---
 
 def _assert_nothing_ran(run_dir) -> None:
@@ -197,37 +239,6 @@ def test_micro_batch_larger_than_the_corpus(data_cfg, tmp_path):
 
 
 # --- loggers ---
-
-class FlakySink:
-    def __init__(self, failures: int) -> None:
-        self.failures, self.batches = failures, []
-
-    def write(self, rows):
-        if self.failures:
-            self.failures -= 1
-            raise ConnectionError("tracking server down")
-        self.batches.append(list(rows))
-
-
-def test_buffered_logger_batches_and_flushes():
-    sink = FlakySink(failures=0)
-    logger = BufferedLogger(sink, max_rows=3)
-    for step in range(1, 8):
-        logger.log({"train_loss": float(step)}, step)
-    assert [[s for s, _ in b] for b in sink.batches] == [[1, 2, 3], [4, 5, 6]]
-    logger.flush()
-    assert [s for s, _ in sink.batches[-1]] == [7] and logger.rows == []
-
-
-def test_buffered_logger_keeps_rows_while_the_sink_fails():
-    sink = FlakySink(failures=2)
-    logger = BufferedLogger(sink, max_rows=2)
-    with pytest.warns(UserWarning, match="metric sink failed, keeping 2 rows"):
-        for step in range(1, 5):
-            logger.log({"x": float(step)}, step)  # flushes at 2 rows (fails) and at 3 rows (fails)
-    logger.flush()
-    assert [s for s, _ in sink.batches[0]] == [1, 2, 3, 4]  # replayed once, in order
-
 
 def test_jsonl_keeps_rows_through_the_resumed_step(tmp_path):
     path = tmp_path / "metrics.jsonl"

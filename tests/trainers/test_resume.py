@@ -96,7 +96,7 @@ def test_preemption_checkpoints_then_resume_is_bitwise_exact(cache, straight, tm
     code, out = finish(proc)
     assert code == EXIT_CODES["preempted"], out
     assert _result(out) == {"status": "preempted", "step": 6, "train_loss": straight()[5]["train_loss"],
-                            "eval_loss": straight()[3]["eval_loss"], "tokens": 6 * 512}
+                            "eval_loss": straight()[3]["eval_loss"], "tokens": 6 * 512, "signal": int(sig)}
     assert _checkpoint_steps(run_dir) == [4, 6]  # step 6 finished, then checkpointed
     assert [r["step"] for r in rows(run_dir)] == [1, 2, 3, 4, 5, 6]  # flushed, nothing lost
 

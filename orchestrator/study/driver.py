@@ -2,23 +2,19 @@
 
     open_study(cfg, storage)   create or load (load_if_exists); stale RUNNING trials -> FAIL
     run_study(cfg, evaluate)   loop until the study holds cfg.n_trials finished trials:
-        ask <= n_parallel trials -> TrialJob(number, params, overrides)
-        precheck(job)          optional, before training: raises ValueError -> FAIL with the reason
-        evaluate(jobs)         runs the batch (Hydra: the launcher) -> one outcome mapping per job
-        tell                   COMPLETE (objective values) | PRUNED | FAIL (+ `error` user attr),
-                               a failed trial re-enqueued with the same params up to max_retries
+        ask <= n_parallel trials -> TrialPoint(number, params)
+        precheck(point)        optional, before training: raises ValueError -> FAIL with the reason
+        evaluate(points)       runs the batch (Hydra: the launcher) -> one Outcome (or mapping) per point
+        tell                   State.trial_state (orchestrator/outcome.py): COMPLETE (objective values) |
+                               PRUNED | FAIL (+ `error` user attr), a failure re-enqueued up to max_retries
 
-An outcome is a mapping {"status": finished | skipped | stopped | pruned | failed | ..., "train_loss": ...,
-"eval_loss": ..., "decode_speedup": ..., "decode_time": ..., "error": "...", "run_key": "..."}.
 Trial numbers are Optuna's: a re-run continues the same study, it never renumbers or overwrites.
-The job side (reporting intermediate losses for pruning) lives in orchestrator/study_trial.py.
+The job side (reporting intermediate losses for pruning) lives in orchestrator/study/trial.py.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,16 +24,16 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from orchestrator.study_config import StudyConfig
+from orchestrator.config import to_run_config
+from orchestrator.outcome import Outcome, State
+from orchestrator.plan import plan_job
+from orchestrator.study.config import StudyConfig
+from orchestrator.tracking.store import resolve_uri, sqlite_path, store_lock
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-COMPLETE_STATUSES = ("finished", "complete", "completed", "skipped", "reused")
-PRUNED_STATUSES = ("stopped", "pruned")
 STALE_ERROR = "stale: the trial was RUNNING when a new sweeper started (the previous parent died)"
-_PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
-# --- sampler ---------------------------------------------------------------------------------------
 class AskTellGridSampler(optuna.samplers.GridSampler):
     """GridSampler without its `study.stop()` once the grid is covered (Optuna allows stop() only inside
     study.optimize); run_study caps the trials at the grid size instead."""
@@ -62,20 +58,12 @@ def make_sampler(cfg: StudyConfig, seed_offset: int = 0) -> optuna.samplers.Base
     return optuna.samplers.NSGAIIISampler(population_size=s.population_size, seed=seed)
 
 
-# --- storage ---------------------------------------------------------------------------------------
 def resolve_storage(url: str, base: str | Path | None = None) -> str:
     """Make a relative sqlite file or journal path absolute (jobs may run elsewhere); create its folder."""
-    base = Path(base or os.getcwd())
-    if url.startswith("journal:"):
-        path = Path(url[len("journal:"):]).expanduser()
-        path = path if path.is_absolute() else base / path
+    url = resolve_uri(url, base or os.getcwd())
+    path = Path(url[len("journal:"):]) if url.startswith("journal:") else sqlite_path(url)
+    if path is not None and url != "sqlite:///:memory:":
         path.parent.mkdir(parents=True, exist_ok=True)
-        return f"journal:{path}"
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        path = Path(url[len("sqlite:///"):]).expanduser()
-        path = path if path.is_absolute() else base / path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path}"
     return url
 
 
@@ -88,8 +76,6 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(url[len("journal:"):]))
     if not create:
         return _rdb_storage(url, skip_table_creation=True, skip_compatibility_check=True)
-    from orchestrator.tracking import store_lock
-
     with store_lock(url):  # sweepers starting at once on a fresh database would race through alembic
         return _rdb_storage(url)
 
@@ -141,65 +127,55 @@ def fail_stale(study: optuna.Study) -> list[int]:
     return [t.number for t in stale]
 
 
-# --- one trial ---------------------------------------------------------------------------------------
-def override_value(value: Any) -> str:
-    """A value in Hydra's override grammar: numbers and plain names bare, other strings quoted."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    text = str(value)
-    if _PLAIN.match(text) and text.lower() not in ("true", "false", "null"):
-        return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 @dataclass
-class TrialJob:
+class TrialPoint:
+    """The parameters Optuna asked for one trial, on their way to a job."""
+
     number: int
     params: dict[str, Any]
     attempt: int = 0
     """0 for a fresh point, k for its k-th retry."""
-    overrides: list[str] = field(default_factory=list)
-    """The params as Hydra overrides, `key=value`."""
     static: dict[str, Any] = field(default_factory=dict)
-    """Metrics known before training (precheck: decode_speedup, decode_time)."""
+    """Outcome fields known before training (precheck: run_key, decode_speedup, decode_time)."""
 
 
-def _job(trial: optuna.Trial) -> TrialJob:
-    params = dict(trial.params)
-    return TrialJob(trial.number, params, int(trial.user_attrs.get("attempt", 0)),
-                    [f"{k}={override_value(v)}" for k, v in params.items()])
+def _point(trial: optuna.Trial) -> TrialPoint:
+    return TrialPoint(trial.number, dict(trial.params), int(trial.user_attrs.get("attempt", 0)))
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def precheck(cfg: Any) -> dict[str, Any]:
+    """What is known of a composed trial config before training, through the grid sweeps' planning (budget
+    solved, run key, decode speed on 8 x H100): a point the solver cannot shape raises ConfigError (a
+    ValueError), and the trial is told FAIL without training."""
+    job = plan_job(to_run_config(cfg))
+    known: dict[str, Any] = {"run_key": job.run_key}
+    if job.decode_speedup is not None:
+        known.update(decode_speedup=job.decode_speedup, decode_time=job.decode_time)
+    return known
 
 
-def tell_outcome(study: optuna.Study, trial: optuna.Trial, cfg: StudyConfig, outcome: Mapping) -> TrialState:
-    """COMPLETE with the objective values, PRUNED when the job stopped on the pruner, else FAIL."""
-    for key in ("run_key", "run_id", "run_name"):
-        if outcome.get(key):
-            trial.set_user_attr(key, str(outcome[key]))
-    status = str(outcome.get("status", "failed")).lower()
-    if status in PRUNED_STATUSES:
+def tell_outcome(study: optuna.Study, trial: optuna.Trial, cfg: StudyConfig, outcome: Outcome) -> TrialState:
+    """Tell the trial the TrialState of the outcome's state; COMPLETE needs every objective finite, else FAIL."""
+    for key in ("run_key", "run_id"):
+        if getattr(outcome, key):
+            trial.set_user_attr(key, getattr(outcome, key))
+    state = outcome.state.trial_state
+    error = outcome.error or f"job ended with status {str(outcome.state)!r}"
+    if state == TrialState.PRUNED:
         study.tell(trial, state=TrialState.PRUNED)
-        return TrialState.PRUNED
-    error = str(outcome.get("error") or f"job ended with status {status!r}")
-    if status in COMPLETE_STATUSES:
-        missing = [m for m in cfg.metrics if not _finite(outcome.get(m))]
-        if not missing:
-            study.tell(trial, [float(outcome[m]) for m in cfg.metrics])
-            return TrialState.COMPLETE
-        error = f"job {status} without a finite {', '.join(missing)} (got {dict(outcome)})"
+        return state
+    if state == TrialState.COMPLETE:
+        values = [outcome.value(m) for m in cfg.metrics]
+        if None not in values:
+            study.tell(trial, values)
+            return state
+        missing = [m for m, v in zip(cfg.metrics, values, strict=True) if v is None]
+        error = f"job {outcome.state} without a finite {', '.join(missing)} (got {outcome.to_dict()})"
     trial.set_user_attr("error", error[:4000])
     study.tell(trial, state=TrialState.FAIL)
     return TrialState.FAIL
 
 
-# --- the loop ----------------------------------------------------------------------------------------
 def finished_count(study: optuna.Study) -> int:
     """Finished trials that count toward n_trials: a failure that was retried is replaced by its retry."""
     trials = study.get_trials(deepcopy=False)
@@ -207,22 +183,22 @@ def finished_count(study: optuna.Study) -> int:
     return finished - sum("retry_of" in t.user_attrs for t in trials)
 
 
-def _retry(study: optuna.Study, cfg: StudyConfig, job: TrialJob) -> bool:
+def _retry(study: optuna.Study, cfg: StudyConfig, job: TrialPoint) -> bool:
     if job.attempt >= cfg.max_retries:
         return False
     study.enqueue_trial(job.params, user_attrs={"retry_of": job.number, "attempt": job.attempt + 1})
     return True
 
 
-def _line(cfg: StudyConfig, job: TrialJob, state: TrialState, outcome: Mapping, retried: bool) -> str:
-    values = " ".join(f"{m}={outcome[m]:.4g}" for m in cfg.metrics if _finite(outcome.get(m)))
-    error = "" if state != TrialState.FAIL else f" error={str(outcome.get('error', ''))[:300]!r}"
+def _line(cfg: StudyConfig, job: TrialPoint, state: TrialState, outcome: Outcome, retried: bool) -> str:
+    values = " ".join(f"{m}={outcome.value(m):.4g}" for m in cfg.metrics if outcome.value(m) is not None)
+    error = "" if state != TrialState.FAIL else f" error={outcome.error[:300]!r}"
     again = " (retry enqueued)" if retried else ""
     return f"[study {cfg.name}] trial {job.number} {state.name} {values} {job.params}{error}{again}"
 
 
-def run_study(cfg: StudyConfig, evaluate: Callable[[list[TrialJob]], Sequence[Mapping]], *,
-              precheck: Callable[[TrialJob], Mapping | None] | None = None, storage: str | None = None,
+def run_study(cfg: StudyConfig, evaluate: Callable[[list[TrialPoint]], Sequence[Outcome | Mapping]], *,
+              precheck: Callable[[TrialPoint], Mapping | None] | None = None, storage: str | None = None,
               echo: Callable[[str], None] = print) -> optuna.Study:
     """Run the study until it holds cfg.n_trials finished trials; print the best trial or the Pareto front."""
     study = open_study(cfg, storage)
@@ -253,7 +229,7 @@ def _retry_stale(study: optuna.Study, cfg: StudyConfig, echo: Callable[[str], No
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for t in trials:
         if t.state == TrialState.FAIL and t.user_attrs.get("error") == STALE_ERROR and t.number not in retried:
-            job = TrialJob(t.number, dict(t.params), int(t.user_attrs.get("attempt", 0)))
+            job = TrialPoint(t.number, dict(t.params), int(t.user_attrs.get("attempt", 0)))
             if _retry(study, cfg, job):
                 echo(f"[study {cfg.name}] trial {t.number} was stale (its parent died): retry enqueued")
 
@@ -264,11 +240,11 @@ def _run_batch(study, cfg, evaluate, precheck, size, distributions, echo) -> Non
     try:
         ready = []
         for trial in trials:
-            job = _job(trial)
+            job = _point(trial)
             try:
                 job.static = dict(precheck(job) or {}) if precheck else {}
             except ValueError as err:  # e.g. the budget solver cannot shape this point: no training
-                outcome = {"status": "failed", "error": f"precheck: {err}"}
+                outcome = Outcome(State.FAILED, error=f"precheck: {err}")
                 echo(_line(cfg, job, tell_outcome(study, trial, cfg, outcome), outcome, False))
                 told.add(trial.number)
                 continue
@@ -277,7 +253,10 @@ def _run_batch(study, cfg, evaluate, precheck, size, distributions, echo) -> Non
         if len(outcomes) != len(ready):
             raise RuntimeError(f"evaluate returned {len(outcomes)} outcomes for {len(ready)} jobs")
         for (trial, job), outcome in zip(ready, outcomes, strict=True):
-            outcome = {**job.static, **dict(outcome)}
+            outcome = Outcome.of(outcome)
+            for key, value in job.static.items():  # the precheck's values where the job returned none
+                if getattr(outcome, key) in (None, ""):
+                    setattr(outcome, key, value)
             state = tell_outcome(study, trial, cfg, outcome)
             told.add(trial.number)
             retried = state == TrialState.FAIL and _retry(study, cfg, job)
@@ -293,7 +272,6 @@ def _run_batch(study, cfg, evaluate, precheck, size, distributions, echo) -> Non
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
 
-# --- the report at the end ------------------------------------------------------------------------------
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

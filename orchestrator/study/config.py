@@ -42,6 +42,13 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _check_ints(obj: Any, where: str, low: int, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{where}.{name}={value!r}: must be an integer >= {low}")
+
+
 def _make(cls: type, value: Any, where: str, **extra: Any) -> Any:
     """cls(**value) with unknown keys reported as a ValueError naming the field."""
     if isinstance(value, cls):
@@ -153,10 +160,8 @@ class SamplerConfig:
             raise ValueError(f"study.sampler.name={self.name!r}: unknown sampler, allowed: {', '.join(SAMPLERS)}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"study.sampler.seed={self.seed!r}: must be an integer >= 0 or null")
-        if not isinstance(self.n_startup_trials, int) or self.n_startup_trials < 0:
-            raise ValueError(f"study.sampler.n_startup_trials={self.n_startup_trials!r}: must be an integer >= 0")
-        if not isinstance(self.population_size, int) or self.population_size < 2:
-            raise ValueError(f"study.sampler.population_size={self.population_size!r}: must be an integer >= 2")
+        _check_ints(self, "study.sampler", 0, "n_startup_trials")
+        _check_ints(self, "study.sampler", 2, "population_size")
 
 
 @dataclass
@@ -184,23 +189,17 @@ class PrunerConfig:
     def __post_init__(self) -> None:
         if self.name not in PRUNERS:
             raise ValueError(f"study.pruner.name={self.name!r}: unknown pruner, allowed: {', '.join(PRUNERS)}")
-        for name in ("report_every", "interval_steps", "min_resource"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"study.pruner.{name}={value!r}: must be an integer >= 1")
-        for name in ("n_startup_trials", "n_warmup_steps", "max_resource", "min_early_stopping_rate"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"study.pruner.{name}={value!r}: must be an integer >= 0")
-        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 2:
-            raise ValueError(f"study.pruner.reduction_factor={self.reduction_factor!r}: must be an integer >= 2")
+        _check_ints(self, "study.pruner", 1, "report_every", "interval_steps", "min_resource")
+        _check_ints(self, "study.pruner", 0, "n_startup_trials", "n_warmup_steps", "max_resource",
+                    "min_early_stopping_rate")
+        _check_ints(self, "study.pruner", 2, "reduction_factor")
         if self.name == "hyperband" and self.max_resource and self.max_resource < self.min_resource:
             raise ValueError(
                 f"study.pruner.max_resource={self.max_resource} < min_resource={self.min_resource} (0 = auto)"
             )
 
     def build(self):
-        """The Optuna pruner (the job rebuilds it from the study's user attrs, see study_trial.py)."""
+        """The Optuna pruner (the job rebuilds it from the study's user attrs, see study/trial.py)."""
         import optuna
 
         if self.name == "median":
@@ -280,7 +279,8 @@ class StudyConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     objectives: list[Objective] = field(default_factory=lambda: [Objective()])
-    space: dict[str, ParamSpec] = field(default_factory=dict)
+    space: dict[str, Any] = field(default_factory=dict)
+    """Override key -> ParamSpec (given as mappings: ParamSpecs are built here, named by their key)."""
     trial: int | None = None
     """Set by the sweeper in each trial's job (`study.trial=N`); null in the parent."""
 
@@ -353,6 +353,16 @@ class StudyConfig:
     def grid_size(self) -> int:
         """Points of the full grid (every dimension's grid values; floats need a step)."""
         return math.prod(len(spec.grid()) for spec in self.space.values())
+
+    def representative_points(self) -> list[dict[str, Any]]:
+        """The first point of the space, plus one point per other value of each categorical (composed before
+        any trial starts; shown by a dry run)."""
+        base = {k: s.choices[0] if s.type == "categorical" else s.low for k, s in self.space.items()}
+        points = [base]
+        for key, spec in self.space.items():
+            if spec.type == "categorical":
+                points += [{**base, key: choice} for choice in spec.choices[1:]]
+        return points
 
     @classmethod
     def from_mapping(cls, node: Any) -> StudyConfig:

@@ -1,12 +1,8 @@
 """The job side of a study trial: report intermediate losses to the study, ask the pruner.
 
-The sweeper holds the trial RUNNING while the job trains; the job opens the same storage and reports
-through an `optuna.trial.Trial` bound to that trial id (the pruner settings come from the study's
-user attrs, written by the sweeper, so the job needs only the storage, the study name and the number):
-
-    ref = TrialRef.from_study(cfg.study)          # None outside a study (study.trial unset)
-    result = train(..., should_stop=ref.should_stop() if ref else None)
-    # result.status == "stopped" -> the run was pruned (its checkpoint is kept)
+The sweeper holds the trial RUNNING while the job trains; the job reports through an `optuna.trial.Trial`
+bound to that trial (pruner settings from the study's user attrs): `TrialRef.of(run.study).should_stop()`
+is train()'s should_stop; a TrainResult "stopped" is a pruned run (its checkpoint kept).
 """
 
 from __future__ import annotations
@@ -17,11 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.study_config import DEFAULT_METRIC, PrunerConfig, StudyConfig
-
-
-def _never(step: int, metrics: Mapping[str, float]) -> bool:
-    return False
+from orchestrator.study.config import DEFAULT_METRIC, PrunerConfig, StudyConfig
 
 
 def make_should_stop(storage: str, study_name: str, trial_number: int, metric: str = DEFAULT_METRIC,
@@ -31,12 +23,12 @@ def make_should_stop(storage: str, study_name: str, trial_number: int, metric: s
     to the step's metrics at each evaluation, every protocol.eval_every steps)."""
     import optuna
 
-    from orchestrator.study import open_storage
+    from orchestrator.study.driver import open_storage  # imports optuna: in a trial's job only
 
     store = open_storage(storage, create=False)
     study = optuna.load_study(study_name=study_name, storage=store)
     if len(study.directions) > 1:
-        return _never  # Optuna has no intermediate values for multi-objective studies
+        return lambda step, metrics: False  # Optuna has no intermediate values for multi-objective studies
     attrs = study.user_attrs.get("pruner")
     study.pruner = PrunerConfig(**attrs).build() if attrs else optuna.pruners.NopPruner()
     trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(study_name),
@@ -73,18 +65,22 @@ class TrialRef:
     report_every: int = 5
 
     @classmethod
+    def of(cls, study: StudyConfig | None) -> TrialRef | None:
+        """The trial of a run's study; None when the job is not a study trial."""
+        if study is None or study.trial is None:
+            return None
+        return cls(study.storage, study.name, int(study.trial), study.metrics[0], study.pruner.report_every)
+
+    @classmethod
     def from_study(cls, node: Any) -> TrialRef | None:
-        """From cfg.study (mapping or DictConfig); None when the job is not a study trial."""
+        """From an app's own `study` node (a mapping or DictConfig, e.g. a Hydra app without RunConfig)."""
         if node is None:
             return None
         if not isinstance(node, Mapping):
             from omegaconf import OmegaConf
 
             node = OmegaConf.to_container(node, resolve=True)
-        if node.get("trial") is None:
-            return None
-        cfg = StudyConfig.from_mapping(node)
-        return cls(cfg.storage, cfg.name, int(cfg.trial), cfg.metrics[0], cfg.pruner.report_every)
+        return cls.of(StudyConfig.from_mapping(node)) if node.get("trial") is not None else None
 
     def tags(self) -> dict[str, str]:
         """MLflow tags of the trial's run."""

@@ -1,9 +1,9 @@
-"""Metric loggers: the small interface the trainer talks to, a local JSONL record, batching, fan-out.
+"""Metric loggers: the small interface the trainer talks to, the local JSONL record, fan-out.
 
 The trainer logs one row per optimizer step (train_loss, lr, grad_norm, tokens, tokens_per_s, mfu;
-eval_loss on eval steps) and calls flush() at every checkpoint, on preemption and on exit. Remote
-trackers (MLflow, in orchestrator/) plug in as a Sink behind a BufferedLogger, so that a slow or
-unreachable tracking store costs one batched write per flush, not one round trip per step.
+eval_loss on eval steps) and calls flush() right after each checkpoint: every row handed so far is then
+committed (a resume never re-trains it). A remote tracker (orchestrator/tracking/job_logger.py's
+MlflowLogger) is one more MetricLogger behind a MultiLogger: it sends the committed rows it was handed.
 """
 
 from __future__ import annotations
@@ -12,59 +12,16 @@ import json
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Protocol, runtime_checkable
-
-Row = tuple[int, dict[str, float]]
 
 
 @runtime_checkable
 class MetricLogger(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def flush(self) -> None: ...
-
-
-class Sink(Protocol):
-    """Where a BufferedLogger sends its batches (e.g. one MLflow log_batch call per flush)."""
-
-    def write(self, rows: list[Row]) -> None: ...
-
-
-class BufferedLogger:
-    """Keeps rows in memory and writes them to `sink` every `max_rows` rows and on flush().
-
-    A failing sink (tracking server down, database locked) does not stop training: the rows stay
-    buffered, a warning is printed once per failure streak, and the next flush retries them in order.
-    """
-
-    def __init__(self, sink: Sink, max_rows: int = 200) -> None:
-        if max_rows < 1:
-            raise ValueError(f"max_rows={max_rows}: must be >= 1")
-        self.sink = sink
-        self.max_rows = max_rows
-        self.rows: list[Row] = []
-        self._failing = False
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.rows.append((step, dict(metrics)))
-        if len(self.rows) >= self.max_rows:
-            self.flush()
-
     def flush(self) -> None:
-        if not self.rows:
-            return
-        try:
-            self.sink.write(self.rows)
-        except Exception as error:  # any sink failure: retried at the next flush
-            if not self._failing:
-                warnings.warn(f"metric sink failed, keeping {len(self.rows)} rows for retry: {error!r}",
-                              stacklevel=2)
-            self._failing = True
-            return
-        self._failing = False
-        self.rows = []
+        """Called right after a checkpoint: every row logged so far is committed."""
 
 
 class JsonlLogger:
