@@ -12,6 +12,9 @@ of median tokens/s over REPS repetitions.
                            per recipe, and the min over recipes (the figure)
     batched_vs_loop_8lanes batched lanes / the per-lane loop oracle (tests/models/tpb_oracle.py)
     mfu_fp32, mfu_bf16     our Llama's achieved FLOP/s / the peak of a large torch.mm measured here
+    lane_gemm_ratio_<L>lanes_<recipe>_bf16  bf16 FLOP/s of a lane layer's forward matmuls (bmm at the lane
+                           shapes) / that of the dense model's layer matmuls, measured in the run; the
+                           target is tpb_vs_dense_..._bf16 >= 0.9 x this (printed as ..._over_gemm_ratio_...)
     ..._bf16               the TPB figures again under bf16 autocast (the CPU's fast precision)
     ..._compiled           with `compiled`: our models under torch.compile (protocol.compile=true)
 
@@ -113,6 +116,34 @@ def gemm_peak(dtype: torch.dtype, n: int = 2048) -> float:
     return 2 * n**3 / min(times)
 
 
+def layer_gemms(cfg: ModelConfig) -> list[tuple[int, int, int, int]]:
+    """The forward matmuls of one layer as (batch, m, k, n): q|k|v, wo, gate|up, down. Dense: batch 1 at
+    hidden H; TPB: its lane layer's batched matmuls ([L, B*T, in] @ [L, in, out])."""
+    N = BATCH * SEQ
+    if cfg.arch == "tpb":
+        lanes, h, f, out = cfg.lane_count, cfg.lane_hidden, cfg.lane_d_ffn, cfg.lane_out
+        kv = cfg.lane_kv_heads * (h // cfg.lane_heads)
+    else:
+        lanes, h, f, out = 1, cfg.hidden, cfg.d_ffn, cfg.hidden
+        kv = cfg.n_kv_heads * (h // cfg.n_heads)
+    return [(lanes, N, h, h + 2 * kv), (lanes, N, h, h), (lanes, N, h, 2 * f), (lanes, N, f, out)]
+
+
+def gemm_throughput(shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, reps: int = 20) -> float:
+    """FLOP/s of the matmuls `shapes` run back to back (best of reps), as the model calls them: bmm for lanes."""
+    ops = [(torch.randn(b, m, k, dtype=dtype), torch.randn(b, k, n, dtype=dtype)) for b, m, k, n in shapes]
+    run = lambda: [torch.bmm(a, w) if a.shape[0] > 1 else torch.mm(a[0], w[0]) for a, w in ops]  # noqa: E731
+    run()
+    best = min(_timed(run) for _ in range(reps))
+    return sum(2 * b * m * k * n for b, m, k, n in shapes) / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def show(name: str, value: float) -> None:
     print(f"{name}: {value:.3f}", flush=True)
 
@@ -146,6 +177,11 @@ def tpb_figures(bf16: bool = False, compiled: bool = False) -> None:
                         (("tpb", tpb_cfg), ("dense", dense_cfg))}
             ratios[recipe] = achieved["tpb"] / achieved["dense"]
             show(f"tpb_vs_dense_{lanes}lanes_{recipe}{suffix}", ratios[recipe])
+            if bf16:  # what the lane shapes force: bf16 GEMM FLOP/s at the lane shapes / at the dense shapes
+                gemm = gemm_throughput(layer_gemms(tpb_cfg), torch.bfloat16)
+                gemm /= gemm_throughput(layer_gemms(dense_cfg), torch.bfloat16)
+                show(f"lane_gemm_ratio_{lanes}lanes_{recipe}{suffix}", gemm)
+                show(f"tpb_vs_dense_over_gemm_ratio_{lanes}lanes_{recipe}{suffix}", ratios[recipe] / gemm)
         show(f"tpb_vs_dense_{lanes}lanes{suffix}", min(ratios.values()))
 
 

@@ -172,12 +172,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        if cache is not None:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        else:  # training: one matmul against q|k|v stacked per step (the state dict keeps wq, wk, wv)
-            q, k, v = F.linear(x, torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])).split(
-                [self.wq.out_features, self.wk.out_features, self.wv.out_features], dim=-1)
-        y = causal_attention(q, k, v, self.n_heads, self.n_kv_heads, rope, cache, pos)
+        y = causal_attention(self.wq(x), self.wk(x), self.wv(x), self.n_heads, self.n_kv_heads, rope, cache, pos)
         return self.wo(y)  # x [B, T, D] -> [B, T, D]
 
 
@@ -191,9 +186,7 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(d_ffn, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, D]
-        # one matmul against gate|up stacked per step (the state dict keeps w1, w2)
-        gate, up = F.linear(x, torch.cat([self.w1.weight, self.w2.weight])).chunk(2, dim=-1)  # [B, T, F] each
-        return self.w3(F.silu(gate) * up)  # [B, T, D]
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))  # [B, T, D]
 
 
 class DecoderLayer(nn.Module):

@@ -93,15 +93,13 @@ class LaneLayer(nn.Module):
                 ) -> torch.Tensor:  # x [L, N = B*T, h]
         L, N, h = x.shape
         a = self.attn_norm(x)
-        qkv = torch.bmm(a, torch.cat([self.wq, self.wk, self.wv], dim=-1))  # [L, N, h + 2 kvl*hdl]: one bmm per step
-        q, k, v = qkv.split([self.wq.shape[-1], self.wk.shape[-1], self.wv.shape[-1]], dim=-1)  # [L, N, *]
+        q, k, v = torch.bmm(a, self.wq), torch.bmm(a, self.wk), torch.bmm(a, self.wv)  # [L, N, *]
         fold = (L * (N // seq_len), seq_len, -1)  # lanes folded into the batch: [L*B, T, *]
         y = causal_attention(q.view(fold), k.view(fold), v.view(fold), self.n_heads, self.n_kv_heads, rope,
                              cache, pos)
         x = x + torch.bmm(y.view(L, N, h), self.wo)
         a = self.ffn_norm(x)
-        gate, up = torch.bmm(a, torch.cat([self.w1, self.w2], dim=-1)).chunk(2, dim=-1)  # [L, N, Fl] each
-        f = torch.bmm(F.silu(gate) * up, self.w3)  # [L, N, out]
+        f = torch.bmm(F.silu(torch.bmm(a, self.w1)) * torch.bmm(a, self.w2), self.w3)  # [L, N, out]
         return x + f if f.shape[-1] == h else add_to_own_slice(x, f, self.first_lane)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:

@@ -142,7 +142,6 @@ def test_greedy_equals_hf_generate():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["llama", "gpt2", "burger_mixing"])
 def test_incremental_logits_on_cuda(name):
     model, idx = model_of(name).cuda(), tokens().cuda()

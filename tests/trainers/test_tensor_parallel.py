@@ -89,7 +89,7 @@ def test_measure_two_ranks():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="gpu: needs 2 CUDA devices")
 def test_two_gpus_nccl_equal_single_process():
     got = spawn(verify, 2, CONFIGS, 0, 2, 5, 4, randomize)
     for name, cfg in CONFIGS.items():
