@@ -6,6 +6,8 @@
              hybrid at G = 1, 2..., beside eq. 9/10 calibrated with the measured t_sync; the
              delayed-communication curve (analysis/decode_measure.py)
     samples  text decoded from the checkpoints of a sweep's runs (analysis/samples.py)
+    decode-fill  measured decode time (ms per token, batch 1) of a sweep's finished runs, from their
+             checkpoints, logged into their MLflow runs as metrics (analysis/decode_fill.py)
     report   a sweep's figures (PNG) and summary.md from MLflow, into reports/<sweep>/
 
 Each command is a function `add_<command>(subparsers)` that registers its arguments and sets
@@ -196,6 +198,45 @@ def run_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- decode-fill ---
+
+
+def add_decode_fill(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("decode-fill", help="measured decode time of a sweep's finished runs -> MLflow metrics",
+                              description="Time single-device decoding (batch 1, 16-token prompt, 32 new tokens) of "
+                                          "each FINISHED run's newest checkpoint and log decode_ms_per_token, "
+                                          "decode_tokens_per_s (and how it was measured) into its MLflow run; "
+                                          "see analysis/decode_fill.py.")
+    p.add_argument("--sweep", required=True, help="sweep (MLflow experiment) name, e.g. lane_count")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--force", action="store_true", help="measure again runs that already have decode_ms_per_token")
+    p.add_argument("--tp", type=int, default=0, metavar="G",
+                   help="also time the run's model sharded over G processes (decode_ms_per_token_tp<G>)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the single-device measurement (default 1, like one TP rank; 0 = torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_decode_fill)
+
+
+def run_decode_fill(args: argparse.Namespace) -> int:
+    import torch
+
+    from analysis import decode_fill
+
+    if args.tp < 0 or args.tp == 1:
+        raise ValueError(f"--tp={args.tp}: give G >= 2 processes (or 0 for single-device only)")
+    if args.threads < 0:
+        raise ValueError(f"--threads={args.threads}: must be >= 0 (0 = torch's default)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = decode_fill.fill(args.sweep, args.tracking_uri, force=args.force, tp=args.tp,
+                            progress=not args.no_progress)
+    print(decode_fill.table(rows, args.tp))
+    counts = {s: sum(r.status == s for r in rows) for s in ("measured", "skipped", "no checkpoint", "failed")}
+    print(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" (of {len(rows)} finished runs)")
+    return 1 if counts["failed"] else 0
+
+
 # --- report ---
 
 
@@ -223,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for add in (add_decode, add_decode_measure, add_samples, add_report):
+    for add in (add_decode, add_decode_measure, add_samples, add_decode_fill, add_report):
         add(subparsers)
     args = parser.parse_args(argv)
     try:

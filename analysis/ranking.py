@@ -2,9 +2,11 @@
 
 A configuration is a set of runs that differ only by seed: runs are grouped by every param
 that varies across the runs table, except the seed and settings that do not change the
-result (trainers/config.py's NON_RESULT fields: threads, compile, checkpointing, cache folder).
+result (trainers/config.py's NON_RESULT fields: threads, compile, measure_decode, checkpointing, cache folder).
 Its readable name is the run's `label` tag plus the varying settings the label does not show
-(e.g. `llama-H256-n4 lr=0.001`).
+(e.g. `llama-H256-n4 lr=0.001`). The measured decode time (metric decode_ms_per_token: protocol.measure_decode
+or `python -m analysis decode-fill`) is a metric, so it never splits a configuration; the ranking shows its mean
+over the configuration's runs beside the predicted speed-up.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ NOT_CONFIG = {"protocol.seed", *non_result_params()}
 DERIVED = {"n_params", "deviation", "syncs", "lane_hidden", "decode_speedup", "decode_time", "architecture.hidden"}
 """Params computed from the others (solved shape, counts): never needed in a name."""
 BESIDE = ("n_params", "syncs", "decode_speedup")
+MEASURED = "decode_ms_per_token"
+"""Measured decode ms per token at batch 1, one device (analysis/decode_fill.py): a metric, averaged over runs."""
 
 
 def param_columns(runs: pd.DataFrame) -> list[str]:
@@ -59,7 +63,8 @@ def rank_configs(runs: pd.DataFrame, metric: str = "train_loss") -> pd.DataFrame
     """FINISHED runs grouped into configurations, best (lowest mean final `metric`) first.
 
     Columns: rank, config, seeds, mean, min, max (over seeds), n_params, syncs, decode_speedup
-    (NaN when the param is absent), and label.
+    (NaN when the param is absent), decode_ms_per_token (mean over the runs that measured it, NaN when
+    none did), and label.
     """
     if metric not in runs:
         raise AnalysisError(f"metric {metric!r} not in the runs table; metrics need a finished run")
@@ -72,6 +77,7 @@ def rank_configs(runs: pd.DataFrame, metric: str = "train_loss") -> pd.DataFrame
     )
     for col in BESIDE:
         table[col] = named.groupby("config")[col].first() if col in named else np.nan
+    table[MEASURED] = named.groupby("config")[MEASURED].mean() if MEASURED in named else np.nan
     table["label"] = named.groupby("config")["label"].first() if "label" in named else table.index
     table = table.sort_values(["mean", "config"], na_position="last").reset_index()
     table.insert(0, "rank", range(1, len(table) + 1))

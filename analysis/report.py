@@ -37,7 +37,7 @@ from analysis.collect import (
     sweep_parent,
 )
 from analysis.extremum import distances_within, extremum_distance, members, separation_step
-from analysis.ranking import config_names, missing_configs, rank_configs
+from analysis.ranking import MEASURED, config_names, missing_configs, rank_configs
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,16 @@ def _ranking_section(ranking: pd.DataFrame, metric: str, label: str) -> list[str
     head = [f"## Ranking by {label} (`{metric}`, mean over seeds)", ""]
     if ranking.empty:
         return [*head, f"Not ranked: no finished run has {metric} (see Notes).", ""]
-    table = ranking[["rank", "config", "seeds", "mean", "min", "max", "n_params", "syncs", "decode_speedup"]]
+    cols = ["rank", "config", "seeds", "mean", "min", "max", "n_params", "syncs", "decode_speedup"]
+    measured = MEASURED in ranking and ranking[MEASURED].notna().any()
+    table = ranking[cols + [MEASURED] if measured else cols]
     table = table.rename(columns={"mean": f"{metric} (mean)", "min": "min (seeds)", "max": "max (seeds)",
-                                  "decode_speedup": "decode speed-up"})
-    return [*head, markdown_table(table), ""]
+                                  "decode_speedup": "decode speed-up (predicted)",
+                                  MEASURED: "decode ms/token (measured)"})
+    note = ["", "decode speed-up (predicted): analytic (report section 3) on 8 x H100 vs a Llama of the same "
+            "parameters; decode ms/token (measured): this machine, one device, batch 1, the final weights "
+            "(metric decode_ms_per_token, mean over the configuration's measured runs)."] if measured else []
+    return [*head, markdown_table(table), *note, ""]
 
 
 def _arch_separation(finished: pd.DataFrame, curves: pd.DataFrame) -> list[str]:

@@ -57,6 +57,8 @@ class RunSource:
     model: ModelConfig
     data: DataConfig
     context: int
+    run_id: str = ""
+    """The MLflow run (analysis/decode_fill.py logs into it)."""
 
 
 def sources(runs: pd.DataFrame) -> list[RunSource]:
@@ -71,7 +73,7 @@ def sources(runs: pd.DataFrame) -> list[RunSource]:
         context = int(float(row.get("protocol.context", 0) or 0)) or 128
         name = str(row.get("config", row.get("label", row.get("run_name", "run"))))
         out.append(RunSource(name, Path(row["run_dir"]), _typed(ModelConfig, row, "architecture"),
-                             _typed(DataConfig, row, "data"), context))
+                             _typed(DataConfig, row, "data"), context, str(row.get("run_id", "") or "")))
     return out
 
 
@@ -148,6 +150,7 @@ def run_dir_source(run_dir: str, tracking_uri: str | None = None) -> RunSource:
             tagged = run.data.tags.get("run_dir", "")
             if tagged and str(Path(tagged).resolve()) == folder:
                 row = pd.Series({**run.data.params, "run_dir": tagged, "run_name": run.info.run_name,
+                                 "run_id": run.info.run_id,
                                  "label": run.data.tags.get("label", "run")})
                 return sources(pd.DataFrame([row]))[0]
     raise AnalysisError(f"no MLflow run has run_dir={folder}; pass --tracking-uri for another store")

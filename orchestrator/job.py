@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -74,13 +75,13 @@ def _state(result) -> State:
     return State(result.status)
 
 
-def _close(logger: MlflowLogger | None, state: State, step: int) -> None:
+def _close(logger: MlflowLogger | None, state: State, step: int, extra: dict[str, str] | None = None) -> None:
     if logger is None:
         return
     tags = {State.PREEMPTED: {"preempted": str(int(time.time()))},
             State.KILLED: {"killed_reason": "SIGTERM (cancelled)"},
             State.STOPPED: {"stopped_at": str(step)}}.get(state, {})
-    logger.close(state.mlflow_status, tags=tags, limit=step)
+    logger.close(state.mlflow_status, tags={**tags, **(extra or {})}, limit=step)
 
 
 def run(spec: JobSpec) -> Outcome:
@@ -105,12 +106,38 @@ def run(spec: JobSpec) -> Outcome:
             logger.close("KILLED" if interrupted else "FAILED", tags={"error": message})
         raise
     state = _state(result)
-    _close(logger, state, result.step)
+    measured, tags = _measure_decode(spec, logger, result.step) if state == State.FINISHED else ({}, {})
+    _close(logger, state, result.step, tags)
     if state == State.PREEMPTED:
         _hand_back(signal.SIGUSR2)  # submitit: dump checkpoint() and requeue, then exit
     return Outcome(state, run_key=spec.run_key, run_id=spec.run_id, decode_speedup=spec.decode_speedup,
                    decode_time=spec.decode_time, step=result.step, train_loss=result.train_loss,
-                   eval_loss=result.eval_loss, tokens=result.tokens)
+                   eval_loss=result.eval_loss, tokens=result.tokens,
+                   decode_ms_measured=measured.get("decode_ms_per_token"))
+
+
+def _measure_decode(spec: JobSpec, logger: MlflowLogger | None, step: int) -> tuple[dict[str, float], dict[str, str]]:
+    """protocol.measure_decode=true, rank 0 of a finished run: time decoding of the final checkpoint on this
+    process's threads (analysis/decode_fill.py) and hand the metrics to the logger at the final step (close()
+    sends them). A measurement that fails is a tag `decode_error` and a warning, never a failed run.
+    Returns (metrics, tags for close())."""
+    if logger is None or not spec.train.measure_decode:
+        return {}, {}
+    from analysis.decode_fill import measure_run
+    from analysis.samples import RunSource
+
+    source = RunSource(spec.run_key, Path(spec.run_dir), spec.model, spec.data, spec.train.context, spec.run_id)
+    try:
+        got = measure_run(source)
+        if got is None:
+            raise RuntimeError(f"no checkpoint in {spec.run_dir}")
+    except Exception as error:  # the run itself finished: keep it FINISHED
+        message = f"{type(error).__name__}: {error}"[:2000]
+        warnings.warn(f"protocol.measure_decode: not measured ({message})", stacklevel=2)
+        return {}, {"decode_error": message}
+    metrics, _ = got
+    logger.log(metrics, step)
+    return metrics, {}
 
 
 class TrainJob(submitit.helpers.Checkpointable):

@@ -106,7 +106,8 @@ def finished_outcome(job: Job, run: Any) -> Outcome:
     return Outcome(ended_state(run), run_id=run.info.run_id, run_key=job.run_key,
                    train_loss=metrics.get("train_loss"), eval_loss=metrics.get("eval_loss"),
                    step=int(metrics["tokens"] // job.run.protocol.batch_tokens) if "tokens" in metrics else None,
-                   decode_speedup=job.decode_speedup, decode_time=job.decode_time)
+                   decode_speedup=job.decode_speedup, decode_time=job.decode_time,
+                   decode_ms_measured=metrics.get("decode_ms_per_token"))
 
 
 def config_yaml(job: Job) -> str:

@@ -88,6 +88,9 @@ class Outcome:
     tokens: int | None = None
     decode_speedup: float | None = None
     decode_time: float | None = None
+    decode_ms_measured: float | None = None
+    """Measured ms per decode token at batch 1 on one device (metric decode_ms_per_token: protocol.measure_decode
+    or `python -m analysis decode-fill`); None when not measured."""
     error: str = ""
     log: str = ""
     """The job's stderr file (a job submitit reports as failed)."""
@@ -96,7 +99,8 @@ class Outcome:
         self.state = State(self.state)
 
     def value(self, metric: str) -> float | None:
-        """A finite objective value (train_loss, eval_loss, decode_speedup, decode_time), else None."""
+        """A finite objective value (train_loss, eval_loss, decode_speedup, decode_time, decode_ms_measured), else
+        None."""
         value = getattr(self, metric, None)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return float(value) if ok else None

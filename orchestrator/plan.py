@@ -27,7 +27,7 @@ DECODE_DEVICE, DECODE_GPUS = "H100", 8
 class Job:
     run: RunConfig
     """Architecture solved for the budget (hidden, then the FFN width with budget_fit=ffn), protocol.steps
-    scaled by token_scale."""
+    scaled by token_scale, protocol.measure_decode on when a study objective is measured (decode_ms_measured)."""
     run_key: str
     params: int
     deviation: float | None
@@ -78,7 +78,8 @@ def plan_job(run: RunConfig, overrides: list[str] | None = None) -> Job:
             solved = solve(arch, run.budget, run.tolerance, run.budget_fit)
             arch, deviation, adjusted = solved.config, solved.deviation, solved.adjusted
         steps = max(1, round(run.protocol.steps * run.token_scale))
-        protocol = dataclasses.replace(run.protocol, steps=steps)
+        measure = run.protocol.measure_decode or (run.study is not None and run.study.measures_decode)
+        protocol = dataclasses.replace(run.protocol, steps=steps, measure_decode=measure)
         protocol.grad_accum(run.cluster.world_size)
     except (BudgetError, ValueError) as error:
         raise ConfigError(f"{error}{_where(overrides)}") from error

@@ -4,11 +4,11 @@
 
 Left out, because they do not change what is trained: cluster, tracking, launcher settings,
 dry_run, detach, output_dir, the sweep name, the budget request (the solved shape stands for it),
-the protocol and data fields marked NON_RESULT in trainers/config.py (threads, compile, ckpt_every, keep_ckpts,
-cache_dir: speed, checkpointing, cache folder; the ranking of analysis/ranking.py reads the same list). Fields an
-architecture ignores are dropped too (every TPB field for llama / gpt2, comm_* when comm is off,
-classic-layer heads without classic layers), so a Llama baseline inside a TPB grid hashes the same
-for every lane_count and the launcher runs it once. Fields are excluded by name, so a field added
+the protocol and data fields marked NON_RESULT in trainers/config.py (threads, compile, measure_decode,
+ckpt_every, keep_ckpts, cache_dir: speed, a measurement, checkpointing, cache folder; the ranking of
+analysis/ranking.py reads the same list). Fields an architecture ignores are dropped too (every TPB
+field for llama / gpt2, comm_* when comm is off, classic-layer heads without classic layers), so a Llama
+baseline inside a TPB grid hashes the same for every lane_count and the launcher runs it once. Fields are excluded by name, so a field added
 to a config later changes the key by default (a safe miss: a re-run instead of a wrong skip).
 """
 

@@ -107,6 +107,11 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=NON_RESULT)
     """torch.compile the model's forward (in place: checkpoints keep their keys). Fuses the elementwise
     work around the matmuls; pays off on long runs (the first steps wait for compilation, ~10-30 s)."""
+    measure_decode: bool = field(default=False, metadata=NON_RESULT)
+    """When the run finishes, time single-device decoding of its final weights in the job process (batch 1, a
+    16-token prompt, 32 new tokens: analysis/decode_fill.py) and log it as metrics decode_ms_per_token, ...
+    A measurement, not a result: out of the run key, so a run that finished before is skipped, not measured:
+    `python -m analysis decode-fill --sweep NAME` measures finished runs from their checkpoints."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "context", "batch_tokens", "micro_batch", "eval_batches", "keep_ckpts"):
@@ -130,8 +135,9 @@ class TrainConfig:
                 f"protocol.warmup_frac + protocol.decay_frac = {self.warmup_frac + self.decay_frac}: "
                 "must be <= 1 for the wsd schedule"
             )
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"protocol.compile={self.compile!r}: allowed: true, false")
+        for name in ("compile", "measure_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"protocol.{name}={getattr(self, name)!r}: allowed: true, false")
         if self.cosine_cycles <= 0:
             raise ValueError(f"protocol.cosine_cycles={self.cosine_cycles}: must be > 0")
 

@@ -25,15 +25,17 @@ from typing import Any
 
 SAMPLERS = ("tpe", "random", "grid", "nsga2", "nsga3")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
-METRICS = ("train_loss", "eval_loss", "decode_speedup", "decode_time")
+METRICS = ("train_loss", "eval_loss", "decode_speedup", "decode_time", "decode_ms_measured")
 TRAINING_METRICS = ("train_loss", "eval_loss")
 DIRECTIONS = ("minimize", "maximize")
 PARAM_TYPES = ("int", "float", "categorical")
 DEFAULT_METRIC = "eval_loss"
 """The default objective: the final eval loss on the held-out split, a stable estimate of the final loss
 (the last step's train_loss is one batch; analysis.estimates gives the same default to the reports)."""
+MEASURED_METRICS = ("decode_ms_measured",)
+"""Objectives measured by the job when training ends: their trials run with protocol.measure_decode=true."""
 DEFAULT_DIRECTION = {"train_loss": "minimize", "eval_loss": "minimize", "decode_time": "minimize",
-                     "decode_speedup": "maximize"}
+                     "decode_speedup": "maximize", "decode_ms_measured": "minimize"}
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
@@ -219,7 +221,8 @@ class PrunerConfig:
 class Objective:
     metric: str = DEFAULT_METRIC
     """eval_loss (final eval loss, held-out: the default) | train_loss (last step's train loss, one batch)
-    | decode_speedup | decode_time (analytic, 8 x H100)."""
+    | decode_speedup | decode_time (analytic, 8 x H100) | decode_ms_measured (ms per token at batch 1, measured
+    on one device of the trial's own job from its final weights: the trial runs with protocol.measure_decode=true)."""
     direction: str = ""
     """minimize | maximize ('' = the natural one: losses and time minimize, speed-up maximize)."""
 
@@ -341,6 +344,11 @@ class StudyConfig:
     @property
     def metrics(self) -> list[str]:
         return [o.metric for o in self.objectives]
+
+    @property
+    def measures_decode(self) -> bool:
+        """An objective is measured after training (decode_ms_measured): jobs set protocol.measure_decode."""
+        return any(m in MEASURED_METRICS for m in self.metrics)
 
     @property
     def multi_objective(self) -> bool:
