@@ -24,6 +24,8 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
+from analysis.stores import resolve_uri, sqlite_path
+
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 CHUNK = 500
 """Run ids per SQL query (stays far below SQLite's limit on bound parameters)."""
@@ -39,8 +41,8 @@ class AnalysisError(ValueError):
 
 
 def default_tracking_uri() -> str:
-    """The orchestrator's default store: `mlflow.db` in the current directory."""
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """The orchestrator's default store: `mlflow.db` in the current directory (analysis/stores.py)."""
+    return resolve_uri("", Path.cwd())
 
 
 def is_sql_uri(uri: str) -> bool:
@@ -49,8 +51,8 @@ def is_sql_uri(uri: str) -> bool:
 
 def check_store(uri: str) -> None:
     """Refuse a SQLite path that does not exist (MLflow would silently create an empty store)."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+    path = sqlite_path(uri)
+    if path is not None:
         if not path.is_file():
             raise AnalysisError(f"no MLflow store at {path}: run a sweep first or pass --tracking-uri")
 

@@ -206,17 +206,14 @@ def register_configs() -> None:
 
 def find_targets(node: Any, path: str = "") -> list[str]:
     """Dotted paths of every `_target_` key in a (plain or OmegaConf) nested mapping / list."""
-    found = []
     if hasattr(node, "items"):
-        for key, value in node.items():
-            where = f"{path}.{key}" if path else str(key)
-            if key == "_target_":
-                found.append(where)
-            found += find_targets(value, where)
+        children = [(f"{path}.{key}" if path else str(key), key, value) for key, value in node.items()]
     elif isinstance(node, (list, tuple)) or type(node).__name__ == "ListConfig":
-        for i, value in enumerate(node):
-            found += find_targets(value, f"{path}[{i}]")
-    return found
+        children = [(f"{path}[{i}]", i, value) for i, value in enumerate(node)]
+    else:
+        return []
+    return [found for where, key, value in children
+            for found in ([where] if key == "_target_" else []) + find_targets(value, where)]
 
 
 def to_run_config(cfg: Any) -> RunConfig:

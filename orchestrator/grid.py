@@ -87,7 +87,6 @@ def with_seeds(jobs: Sequence[Sequence[str]], seeds: int) -> list[list[str]]:
     return [[*point, f"{SEED_KEY}={seed}"] for seed in range(seeds) for point in points]
 
 
-
 def trial_overrides(fixed: Sequence[str], params: Mapping[str, Any], number: int | None = None,
                     storage: str = "") -> list[str]:
     """A trial job's overrides: the command line, the trial's params and, for a trial that runs (number set),

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from analysis.stores import resolve_uri
 from orchestrator.config import ConfigError, RunConfig, to_run_config
 from orchestrator.job import JobSpec
 from orchestrator.outcome import ACTIVE_MLFLOW, Outcome, State, ended_state
@@ -75,7 +76,7 @@ def resolve_paths(run: RunConfig, launch_dir: Path) -> tuple[Path, str, Path]:
     out = Path(run.output_dir).expanduser()
     out = (out if out.is_absolute() else launch_dir / out) / run.name
     store.check_writable(out, "output_dir")
-    uri = store.resolve_uri(run.tracking.uri, launch_dir)
+    uri = resolve_uri(run.tracking.uri, launch_dir)
     store.check_store(uri)
     folder = Path(run.cluster.folder).expanduser() if run.cluster.folder else out / ".submitit"
     folder = folder if folder.is_absolute() else launch_dir / folder
@@ -157,7 +158,7 @@ def nest_ended(client, items: list[Submission], existing: dict[str, Any], parent
 
 def report_command(run: RunConfig, uri: str, launch_dir: Path) -> str:
     """The command that (re)builds the sweep's report, as the user would type it in launch_dir."""
-    default = uri == store.resolve_uri("", launch_dir)
+    default = uri == resolve_uri("", launch_dir)
     return f"python -m analysis report --sweep {run.name}" + ("" if default else f" --tracking-uri {uri}")
 
 

@@ -161,10 +161,15 @@ def settle(client, item: Submission) -> None:
         print(f"warning: {item.job.run_name}: could not record how its job ended ({error!r})", file=sys.stderr)
 
 
-def _end(client, item: Submission, progress: Progress) -> None:
-    collect(item)
-    settle(client, item)
-    progress.ended(item)
+def _end_done(running: list[Submission], client, progress: Progress) -> list[Submission]:
+    """Collect, settle and show the running items whose job ended; removes and returns them."""
+    done = [i for i in running if i.handle.done()]
+    for item in done:
+        running.remove(item)
+        collect(item)
+        settle(client, item)
+        progress.ended(item)
+    return done
 
 
 class LocalPool:
@@ -179,10 +184,8 @@ class LocalPool:
         queue = [i for i in items if i.spec is not None]
         running: list[Submission] = []
         while queue or running:
-            for item in [i for i in running if i.handle.done()]:
-                running.remove(item)
+            for item in _end_done(running, self.client, self.progress):
                 self.free_gpus += item.gpus
-                _end(self.client, item, self.progress)
             while queue and len(running) < self.slots:
                 running.append(self._submit(queue.pop(0)))
             self.progress.refresh()
@@ -219,9 +222,7 @@ def run_slurm(items: list[Submission], executor, client, progress, detach: bool,
         return
     running = list(todo)
     while running:
-        for item in [i for i in running if i.handle.done()]:
-            running.remove(item)
-            _end(client, item, progress)
+        _end_done(running, client, progress)
         progress.refresh()
         time.sleep(max(poll_s, 5.0))
 

@@ -65,9 +65,11 @@ class Progress:
             self.last_summary = time.monotonic()
             self._say(self.summary())
 
+    def counts_text(self) -> str:
+        return ", ".join(f"{v} {k}" for k, v in self.counts().items() if v)
+
     def summary(self) -> str:
-        counts = ", ".join(f"{v} {k}" for k, v in self.counts().items() if v)
-        return f"[{time.monotonic() - self.start:.0f} s] {counts}"
+        return f"[{time.monotonic() - self.start:.0f} s] {self.counts_text()}"
 
     def table(self):
         from rich.table import Table
@@ -77,11 +79,8 @@ class Progress:
             table.add_column(name, justify="left" if name in ("run", "state") else "right")
         for item in self.items:
             live = item.spec is not None and item.state == State.SUBMITTED
-            row = RunDir(item.spec.run_dir).last_row() if live else {}
-            out = item.outcome
-            step = row.get("step", "" if out is None or out.step is None else out.step)
-            loss = row.get("train_loss", None if out is None else out.train_loss)
-            ev = row.get("eval_loss", None if out is None else out.eval_loss)
+            row = RunDir(item.spec.run_dir).last_row() if live else item.outcome.to_dict() if item.outcome else {}
+            step, loss, ev = row.get("step", ""), row.get("train_loss"), row.get("eval_loss")
             table.add_row(item.job.run_name, str(item.state), f"{step}/{self.steps}" if step != "" else "",
                           f"{loss:.4f}" if isinstance(loss, float) else "", f"{ev:.4f}" if isinstance(ev, float) else "")
         return table
@@ -90,7 +89,5 @@ class Progress:
         if self.live is not None:
             self.live.update(self.table())
             self.live.stop()
-        counts = self.counts()
         tail = " (detached: follow with python -m orchestrator.status)" if detached else ""
-        self._say(f"done in {time.monotonic() - self.start:.0f} s: "
-                  + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + tail)
+        self._say(f"done in {time.monotonic() - self.start:.0f} s: {self.counts_text()}{tail}")

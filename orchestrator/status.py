@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from analysis.stores import resolve_uri, sqlite_path
 from orchestrator.config import ConfigError, TrackingConfig
 from orchestrator.tracking.liveness import reap
 from orchestrator.tracking.store import client as open_client
-from orchestrator.tracking.store import resolve_uri, runs_by_key, sqlite_path
+from orchestrator.tracking.store import runs_by_key
 from orchestrator.tracking.ui import ui_lines
 from trainers.rundir import RunDir
 
@@ -63,22 +65,19 @@ def status(sweep: str | None, uri: str, stale_after_s: float) -> list[dict[str, 
     if path is not None and not path.is_file():
         raise ConfigError(f"no MLflow store at {path}: run a sweep from this folder first, or pass --tracking-uri")
     mlflow_client = open_client(uri)
-    if sweep is None:
-        names = sorted(e.name for e in mlflow_client.search_experiments())
-        print("sweeps in " + uri + ": " + (", ".join(names) or "none"))
-        return []
-    experiment = mlflow_client.get_experiment_by_name(sweep)
+    experiment = mlflow_client.get_experiment_by_name(sweep) if sweep else None
     if experiment is None:
-        names = sorted(e.name for e in mlflow_client.search_experiments())
-        raise ConfigError(f"--sweep {sweep!r}: no such sweep in {uri} (found: {', '.join(names) or 'none'})")
+        names = ", ".join(sorted(e.name for e in mlflow_client.search_experiments())) or "none"
+        if sweep is None:
+            print(f"sweeps in {uri}: {names}")
+            return []
+        raise ConfigError(f"--sweep {sweep!r}: no such sweep in {uri} (found: {names})")
     runs = runs_by_key(mlflow_client, experiment.experiment_id)
     for key in reap(mlflow_client, runs, stale_after_s):
         print(f"{runs[key].info.run_name}: stale heartbeat, its job is gone -> marked KILLED")
     runs = runs_by_key(mlflow_client, experiment.experiment_id)
     rows = sorted((describe(mlflow_client, run) for run in runs.values()), key=lambda r: r["run"] or "")
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    counts = Counter(r["state"] for r in rows)
     show(rows, f"{sweep}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     for line in ui_lines(uri, experiment.experiment_id):
         print(line)

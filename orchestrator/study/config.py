@@ -1,17 +1,6 @@
-"""Typed config of an Optuna study (`conf/study/*.yaml`, under the `study:` key), validated on construction.
-
-    study:
-      name: speed_quality                 # Optuna study name (also the MLflow experiment of its runs)
-      storage: sqlite:///optuna.db        # any SQLAlchemy URL, or journal:<path> (JournalFileBackend)
-      n_trials: 8                         # total finished trials (COMPLETE + PRUNED + FAIL), across re-runs
-      n_parallel: 2                       # trials asked and launched together
-      max_retries: 0                      # a failed trial is re-enqueued with the same params this often
-      sampler: {name: tpe, seed: 0}       # tpe | random | grid | nsga2 | nsga3
-      pruner: {name: none}                # none | median | successive_halving | hyperband
-      objectives: [{metric: eval_loss, direction: minimize}]   # the default: the stable final loss
-      space:                              # override key -> distribution
-        architecture.lane_count: {type: categorical, choices: [2, 4, 8]}
-        protocol.lr: {type: float, low: 1e-3, high: 1e-2, log: true}
+"""Typed config of an Optuna study (`conf/study/*.yaml`, under the `study:` key), validated on construction:
+StudyConfig with its sampler, pruner, objectives and space (override key -> ParamSpec); each field's docstring
+says what it takes, conf/study/speed_quality.yaml is a worked example.
 
 Every error is raised here, before any trial starts, and names the field and what is allowed.
 """
@@ -47,7 +36,7 @@ def _number(value: Any) -> bool:
 def _check_ints(obj: Any, where: str, low: int, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, int) or value < low:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{where}.{name}={value!r}: must be an integer >= {low}")
 
 
@@ -259,11 +248,8 @@ def _space(value: Any) -> dict[str, ParamSpec]:
                 f"study.space key {key!r}: must be a config key such as architecture.lane_count or protocol.lr "
                 "(not under hydra. or study.)"
             )
-        if isinstance(spec, ParamSpec):
-            spec.key = key
-            space[key] = spec
-        else:
-            space[key] = _make(ParamSpec, spec, f"study.space.{key}", key=key)
+        space[key] = spec if isinstance(spec, ParamSpec) else _make(ParamSpec, spec, f"study.space.{key}", key=key)
+        space[key].key = key
     return space
 
 
@@ -283,7 +269,8 @@ class StudyConfig:
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     objectives: list[Objective] = field(default_factory=lambda: [Objective()])
     space: dict[str, Any] = field(default_factory=dict)
-    """Override key -> ParamSpec (given as mappings: ParamSpecs are built here, named by their key)."""
+    """Override key -> ParamSpec, built here from the YAML mappings and named by their key (typed Any for
+    OmegaConf, which would otherwise build each ParamSpec before its key is known)."""
     trial: int | None = None
     """Set by the sweeper in each trial's job (`study.trial=N`); null in the parent."""
 
@@ -291,10 +278,8 @@ class StudyConfig:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ValueError(f"study.name={self.name!r}: must be a non-empty name of letters, digits, _ - .")
         self._check_storage()
-        for name, low in (("n_trials", 1), ("n_parallel", 1), ("max_retries", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"study.{name}={value!r}: must be an integer >= {low}")
+        _check_ints(self, "study", 1, "n_trials", "n_parallel")
+        _check_ints(self, "study", 0, "max_retries")
         self.sampler = _make(SamplerConfig, self.sampler, "study.sampler")
         self.pruner = _make(PrunerConfig, self.pruner, "study.pruner")
         self.objectives = _objectives(self.objectives)

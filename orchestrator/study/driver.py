@@ -24,11 +24,12 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from analysis.stores import JOURNAL, resolve_uri, sqlite_path
 from orchestrator.config import to_run_config
 from orchestrator.outcome import Outcome, State
 from orchestrator.plan import plan_job
 from orchestrator.study.config import StudyConfig
-from orchestrator.tracking.store import resolve_uri, sqlite_path, store_lock
+from orchestrator.tracking.store import store_lock
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 STALE_ERROR = "stale: the trial was RUNNING when a new sweeper started (the previous parent died)"
@@ -61,7 +62,7 @@ def make_sampler(cfg: StudyConfig, seed_offset: int = 0) -> optuna.samplers.Base
 def resolve_storage(url: str, base: str | Path | None = None) -> str:
     """Make a relative sqlite file or journal path absolute (jobs may run elsewhere); create its folder."""
     url = resolve_uri(url, base or os.getcwd())
-    path = Path(url[len("journal:"):]) if url.startswith("journal:") else sqlite_path(url)
+    path = Path(url[len(JOURNAL):]) if url.startswith(JOURNAL) else sqlite_path(url)
     if path is not None and url != "sqlite:///:memory:":
         path.parent.mkdir(parents=True, exist_ok=True)
     return url
@@ -139,7 +140,7 @@ class TrialPoint:
     """Outcome fields known before training (precheck: run_key, decode_speedup, decode_time)."""
 
 
-def _point(trial: optuna.Trial) -> TrialPoint:
+def _point(trial: optuna.Trial | optuna.trial.FrozenTrial) -> TrialPoint:
     return TrialPoint(trial.number, dict(trial.params), int(trial.user_attrs.get("attempt", 0)))
 
 
@@ -229,8 +230,7 @@ def _retry_stale(study: optuna.Study, cfg: StudyConfig, echo: Callable[[str], No
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for t in trials:
         if t.state == TrialState.FAIL and t.user_attrs.get("error") == STALE_ERROR and t.number not in retried:
-            job = TrialPoint(t.number, dict(t.params), int(t.user_attrs.get("attempt", 0)))
-            if _retry(study, cfg, job):
+            if _retry(study, cfg, _point(t)):
                 echo(f"[study {cfg.name}] trial {t.number} was stale (its parent died): retry enqueued")
 
 

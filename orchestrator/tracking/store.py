@@ -1,4 +1,4 @@
-"""The MLflow store as the parent uses it: the one resolution of store URIs, checks that write nothing, the
+"""The MLflow store as the parent uses it (URIs resolved by analysis/stores.py): checks that write nothing, the
 store lock, the sweep's experiment and the runs the launcher creates. Layout (read by analysis/): experiment =
 sweep; one run per run key, named label-s<seed>; params architecture.* (solved) / protocol.* / data.* + budget,
 n_params, deviation, syncs, lane_hidden, decode_speedup; tags run_key, sweep, arch, recipe, label, git_commit,
@@ -18,30 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from analysis.stores import sqlite_path
 from orchestrator.config import ConfigError
 from orchestrator.tracking.ui import EXPERIMENT_TAGS, tag_experiment
 
 BATCH_PARAMS, BATCH_TAGS = 100, 100
 PARAM_CHARS = 6000
-SQLITE, JOURNAL = "sqlite:///", "journal:"
-
-
-def resolve_uri(uri: str, base: str | Path, default: str = "mlflow.db") -> str:
-    """The one resolution of store URIs (MLflow and Optuna): '' -> sqlite:///<base>/<default>; a relative
-    SQLite or journal path -> absolute against base (the launch directory: jobs may run elsewhere); others
-    (sqlite:///:memory:, postgresql://..., http://...) unchanged."""
-    base = Path(base).resolve()
-    if not uri:
-        return f"{SQLITE}{base / default}"
-    for scheme in (SQLITE, JOURNAL):
-        if uri.startswith(scheme) and uri != "sqlite:///:memory:":
-            path = Path(uri[len(scheme):]).expanduser()
-            return f"{scheme}{path if path.is_absolute() else base / path}"
-    return uri
-
-
-def sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
 
 
 def check_writable(path: str | Path, what: str) -> None:
@@ -217,21 +199,15 @@ def run_params(job: Any) -> dict[str, str]:
     return params
 
 
-def run_tags(job: Any, run_dir: str, commit: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    arch = job.run.architecture
-    tags = {"run_key": job.run_key, "sweep": job.run.name, "arch": arch.arch,
-            "recipe": arch.recipe if arch.arch == "tpb" else arch.arch, "label": arch.label(),
-            "git_commit": commit, "run_dir": run_dir}
-    tags.update(extra or {})
-    return tags
-
-
 def create_run(mlflow_client, experiment_id: str, job: Any, run_dir: str, commit: str, config_yaml: str,
                extra_tags: dict[str, str] | None = None) -> str:
     """A new SCHEDULED run holding the job's params, tags and resolved config; returns its id."""
     from mlflow.entities import Param, RunTag
 
-    tags = run_tags(job, run_dir, commit, extra_tags)
+    arch = job.run.architecture
+    tags = {"run_key": job.run_key, "sweep": job.run.name, "arch": arch.arch, "label": arch.label(),
+            "recipe": arch.recipe if arch.arch == "tpb" else arch.arch, "git_commit": commit, "run_dir": run_dir,
+            **(extra_tags or {})}
     run = mlflow_client.create_run(experiment_id, run_name=job.run_name, tags=tags)
     run_id = run.info.run_id
     params = [Param(k, v) for k, v in run_params(job).items()]

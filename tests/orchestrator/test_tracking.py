@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from analysis.stores import resolve_uri
 from orchestrator.config import ConfigError
 from orchestrator.tracking.job_logger import MlflowLogger
 from orchestrator.tracking.liveness import reap
-from orchestrator.tracking.store import check_store, check_writable, open_experiment, resolve_uri, runs_by_key
+from orchestrator.tracking.store import check_store, check_writable, open_experiment, runs_by_key
 from orchestrator.tracking.ui import UI_BASE, VIEW_KEY, VIEW_TAG, runs_table_url, ui_lines, view_state
 
 
