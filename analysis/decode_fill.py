@@ -3,14 +3,14 @@
     python -m analysis decode-fill --sweep lane_count [--tracking-uri URI] [--force] [--tp 2] [--threads 1]
 
 Each FINISHED run of the sweep gets its newest checkpoint (the final weights) decoded on one device by
-trainers.tensor_parallel.measure_decode: batch 1, a PROMPT-token prefill, WARMUP untimed steps, then NEW_TOKENS
+trainers.tp_measure.measure_decode: batch 1, a PROMPT-token prefill, WARMUP untimed steps, then NEW_TOKENS
 timed one-token steps (median). Logged into the run's existing MLflow run, at the checkpoint's step:
 
     decode_ms_per_token        median ms per decode step at batch 1 (= per token)
     decode_tokens_per_s        1000 / decode_ms_per_token
     decode_batch, decode_prompt_tokens, decode_new_tokens, decode_threads      how it was measured
     decode_ms_per_token_tp<G>  with --tp G: the step of the run's model sharded over G processes
-                               (trainers.tensor_parallel.measure_tp, gloo on CPU / NCCL on GPUs)
+                               (trainers.tp_measure.measure_tp, gloo on CPU / NCCL on GPUs)
 
 The figures are metrics, not params: a measurement, never part of a run's identity (the run key ignores
 protocol.measure_decode, the ranking groups configurations by params only), and they can be measured again
@@ -52,7 +52,7 @@ def measure_model(model, tp: int = 0) -> dict[str, float]:
     tp > 1: also its tensor-parallel step over `tp` spawned processes."""
     import torch
 
-    from trainers.tensor_parallel import measure_decode
+    from trainers.tp_measure import measure_decode
 
     prompt, steps, warmup = lengths(model.cfg.max_seq_len)
     timing = measure_decode(model, batch=BATCH, prompt=prompt, steps=steps, warmup=warmup)
@@ -61,7 +61,7 @@ def measure_model(model, tp: int = 0) -> dict[str, float]:
            "decode_prompt_tokens": float(prompt), "decode_new_tokens": float(steps),
            "decode_threads": float(torch.get_num_threads())}
     if tp > 1:
-        from trainers.tensor_parallel import measure_tp, spawn
+        from trainers.tp_measure import measure_tp, spawn
 
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         result = spawn(measure_tp, tp, model.cfg, 0, BATCH, prompt, steps, warmup, state)

@@ -80,8 +80,8 @@ def llama(hidden: int = 256, layers: int = 4, vocab: int = 8192, ffn: int = 0, h
 
 
 def hybrid_like(base: ModelConfig, lanes: int = 4, lane_depth: int = 6, **comm) -> ModelConfig:
-    """A sandwich TPB (1 block, 1 classic layer) of the Llama's parameter count (trainers.tensor_parallel)."""
-    from trainers.tensor_parallel import equal_params_hybrid
+    """A sandwich TPB (1 block, 1 classic layer) of the Llama's parameter count (trainers.tp_measure)."""
+    from trainers.tp_measure import equal_params_hybrid
 
     return equal_params_hybrid(base, lanes, lane_depth, **comm)
 
@@ -91,9 +91,9 @@ def hybrid_like(base: ModelConfig, lanes: int = 4, lane_depth: int = 6, **comm) 
 
 def measure_many(rank: int, world: int, cfgs: dict[str, ModelConfig], batch: int, steps: int, repeats: int
                  ) -> dict[str, dict[str, float]]:
-    """trainers.tensor_parallel.measure_tp of every config in one process group, `repeats` rounds
+    """trainers.tp_measure.measure_tp of every config in one process group, `repeats` rounds
     interleaved (A, B, A, B...) so that load from other processes hits them alike; medians."""
-    from trainers.tensor_parallel import measure_tp
+    from trainers.tp_measure import measure_tp
 
     rounds = [{name: measure_tp(rank, world, cfg, batch=batch, steps=steps) for name, cfg in cfgs.items()}
               for _ in range(repeats)]
@@ -104,7 +104,8 @@ def measure_many(rank: int, world: int, cfgs: dict[str, ModelConfig], batch: int
 def run_all(cfgs: dict[str, ModelConfig], worlds: list[int], batch: int = 1, steps: int = 32, repeats: int = 3
             ) -> dict[int, dict[str, dict[str, float]]]:
     """{G: {name: figures}}: one spawn of G processes per G, every config measured in it."""
-    from trainers.tensor_parallel import check_world, spawn
+    from trainers.tensor_parallel import check_world
+    from trainers.tp_measure import spawn
 
     out = {}
     for world in worlds:

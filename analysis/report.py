@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import claims, estimates, figures
+from analysis import estimates, figures, verdicts
 from analysis.collect import (
     AnalysisError,
     client,
@@ -286,7 +286,7 @@ def build_report(sweep: str, tracking_uri: str | None = None, out_dir: str | Pat
     drawn, figure_notes = _draw(_specs(sweep, runs), finished, history, out, metric, label)
     scored_curves = curves[curves["run_id"].isin(scored["run_id"])]
     sections = _separation_lines(scored, scored_curves, ranking)
-    sections += claims.markdown(claims.findings(sweep, scored, metric, scored_curves), label)
+    sections += verdicts.markdown(verdicts.findings(sweep, scored, metric, scored_curves), label)
     sections += ["## Figures", "", *(f"- {d}" for d in drawn), ""] if drawn else []
     sections += _samples_section(finished)
     missing = estimates.missing_note(finished, metric)

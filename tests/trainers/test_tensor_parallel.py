@@ -1,5 +1,6 @@
-"""Tensor-parallel decode (trainers/tensor_parallel.py) on real processes: 2 ranks over gloo, one thread
-each, give the single-process logits within 1e-5 (fp32) and count their collectives as models.counts does."""
+"""Tensor-parallel decode (trainers/tensor_parallel.py, spawned by trainers/tp_measure.py) on real processes:
+2 ranks over gloo, one thread each, give the single-process logits within 1e-5 (fp32) and count their
+collectives as models.counts does."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from models import ModelConfig, build_model
 from models.counts import sync_count
 from tests.models.tpb_oracle import randomize
-from trainers.tensor_parallel import Comm, check_world, measure_tp, shard_model, spawn, verify
+from trainers.tensor_parallel import Comm, check_world, shard_model
+from trainers.tp_measure import measure_tp, spawn, verify
 
 
 def tpb(recipe: str, **kw) -> ModelConfig:
