@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from analysis.devices import DEVICES
 from models.budget import FITS as BUDGET_FITS
 from models.config import ModelConfig
 from orchestrator.study.config import StudyConfig
@@ -58,12 +59,13 @@ class ClusterConfig:
     launcher per job and node, nproc_per_node = gpus_per_node)."""
     threads_per_job: int = 0
     """torch threads of each job's process (0 = auto: the cores divided among the concurrent CPU jobs)."""
-    gpus_per_node: int = 0
-    """GPUs of one job on each of its nodes (local: per job; 0 = CPU)."""
+    gpus_per_node: int | None = None
+    """GPUs of one job on each of its nodes; local: per job, null = auto (one job per visible GPU, CPU when none is
+    visible: trainers/devices.py), N = DDP over N GPUs per job, 0 = CPU even with GPUs; slurm: null / 0 = none."""
     nodes: int = 1
     """Nodes per job (slurm only; the local cluster is one node)."""
     tasks_per_node: int = 0
-    """Processes per node (0 = gpus_per_node, or 1 on CPU); DDP world size = nodes x tasks_per_node."""
+    """Processes per node (0 = gpus_per_node, or 1 on CPU and auto); DDP world size = nodes x tasks_per_node."""
     max_parallel: int = 0
     """Jobs running at once. local: 0 = auto (cores // threads on CPU, visible GPUs // gpus_per_node);
     slurm: the job array's parallelism cap (0 = no cap)."""
@@ -90,6 +92,8 @@ class ClusterConfig:
     """submitit's folder of pickles and logs ('' = <output_dir>/<name>/.submitit)."""
     poll_s: float = 1.0
     """Seconds between two looks at the jobs while waiting."""
+    device: str = "H100"
+    """GPU model of the cluster, for the dry run's GPU-hours (analysis/planning.py); a name of analysis/devices.py."""
 
     def __post_init__(self) -> None:
         if self.kind not in CLUSTER_KINDS:
@@ -98,7 +102,7 @@ class ClusterConfig:
             raise ValueError(f"cluster.launcher={self.launcher!r}: allowed: {', '.join(PROCESS_LAUNCHERS)}")
         for name in ("threads_per_job", "gpus_per_node", "tasks_per_node", "max_parallel", "cpus_per_task",
                      "mem_gb", "max_num_timeout", "signal_delay_s"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"cluster.{name}={getattr(self, name)}: must be >= 0")
         if self.nodes < 1:
             raise ValueError(f"cluster.nodes={self.nodes}: must be >= 1")
@@ -110,10 +114,12 @@ class ClusterConfig:
             raise ValueError("cluster.launcher=torchrun runs on one node: use launcher=submitit for nodes > 1")
         if self.poll_s <= 0:
             raise ValueError(f"cluster.poll_s={self.poll_s}: must be > 0")
+        if self.device.lower() not in {name.lower() for name in DEVICES}:
+            raise ValueError(f"cluster.device={self.device!r}: allowed: {', '.join(DEVICES)}")
 
     @property
     def ranks_per_node(self) -> int:
-        return self.tasks_per_node or max(1, self.gpus_per_node)
+        return self.tasks_per_node or max(1, self.gpus_per_node or 0)
 
     @property
     def world_size(self) -> int:

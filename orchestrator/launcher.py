@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from analysis.planning import plan_lines
 from analysis.stores import resolve_uri
 from orchestrator.config import ConfigError, RunConfig, to_run_config
 from orchestrator.job import JobSpec
@@ -37,6 +38,7 @@ from orchestrator.pool import (
     detach_local_pool,
     local_capacity,
     local_executor,
+    local_slots,
     run_slurm,
     slurm_executor,
 )
@@ -199,6 +201,10 @@ def launch(configs: list[Any], overrides: list[list[str]], launch_dir: str | Pat
     first = unique[0].run
     if first.dry_run:
         print_plan(unique, title=f"{first.name}: dry run, nothing launched")
+        if first.cluster.kind == "local":
+            print(local_slots(first, len(unique)).describe())
+        print("\n".join(plan_lines([(j.run_name, j.run.architecture, j.run.protocol) for j in unique],
+                                    first.cluster.device, first.cluster.world_size)))
         print(f"{len(jobs)} job(s), {len(unique)} unique run key(s); nothing launched, nothing written.")
         LAST_OUTCOMES[:] = [Outcome(State.DRY_RUN, run_key=unique[i].run_key) for i in mapping]
         return list(LAST_OUTCOMES)

@@ -27,6 +27,7 @@ from orchestrator.outcome import ACTIVE_MLFLOW, Outcome, State
 from orchestrator.plan import Job
 from orchestrator.progress import Progress
 from orchestrator.tracking import store
+from trainers import devices
 
 
 @dataclass
@@ -46,36 +47,20 @@ class Submission:
     outcome: Outcome | None = None
 
 
-def visible_gpus() -> list[int]:
-    """GPU ids a child may be given in CUDA_VISIBLE_DEVICES (this process's own list when it has one)."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        ids = [g.strip() for g in env.split(",") if g.strip()]
-        return [int(g) for g in ids] if all(g.isdigit() for g in ids) else list(range(len(ids)))
-    import torch
-
-    return list(range(torch.cuda.device_count()))
+def local_slots(run: RunConfig, n_jobs: int) -> devices.LocalSlots:
+    """The local pool's capacity on this machine (trainers/devices.py: GPUs found without initialising CUDA);
+    its describe() is the dry run's line."""
+    c = run.cluster
+    return devices.local_slots(devices.visible_gpus(), n_jobs, c.gpus_per_node, c.ranks_per_node, c.threads_per_job,
+                               c.max_parallel)
 
 
 def local_capacity(run: RunConfig, n_jobs: int) -> tuple[int, int, list[int]]:
-    """(concurrent jobs, threads per job, GPU ids) for the local pool; ConfigError if a job cannot fit."""
-    c = run.cluster
-    cores = len(os.sched_getaffinity(0))
-    gpus: list[int] = []
-    if c.gpus_per_node:
-        gpus = visible_gpus()
-        if c.gpus_per_node > len(gpus):
-            raise ConfigError(f"cluster.gpus_per_node={c.gpus_per_node}: this machine shows {len(gpus)} GPU(s)")
-        slots = len(gpus) // c.gpus_per_node
-        threads = c.threads_per_job or max(1, cores // min(slots, max(n_jobs, 1)) // c.ranks_per_node)
-    else:  # every rank of every concurrent job gets its own cores
-        ranks = c.ranks_per_node
-        parallel = max(1, min(n_jobs, cores // ranks))
-        threads = c.threads_per_job or max(1, cores // (parallel * ranks))
-        slots = max(1, cores // (threads * ranks))
-    if c.max_parallel:
-        slots = min(slots, c.max_parallel)
-    return max(1, slots), threads, gpus
+    """(concurrent jobs, threads per job, GPU ids) for the local pool; ConfigError if a job cannot get its GPUs."""
+    found = local_slots(run, n_jobs)
+    if found.refused:
+        raise ConfigError(found.refused)
+    return found.slots, found.threads, found.gpus
 
 
 def check_slurm() -> None:
@@ -176,9 +161,9 @@ class LocalPool:
     """Runs items through a LocalExecutor, at most `slots` at once (LocalExecutor itself starts everything
     at once), each GPU job on its own GPUs."""
 
-    def __init__(self, executor, slots: int, gpus: list[int], gpus_per_job: int, client, progress) -> None:
+    def __init__(self, executor, slots: int, gpus: list[int], gpus_per_node: int | None, client, progress) -> None:
         self.executor, self.slots, self.client, self.progress = executor, slots, client, progress
-        self.free_gpus, self.gpus_per_job = list(gpus), gpus_per_job
+        self.free_gpus, self.gpus_per_job = list(gpus), devices.gpus_per_job(gpus_per_node, len(gpus))
 
     def run(self, items: list[Submission], poll_s: float) -> None:
         queue = [i for i in items if i.spec is not None]

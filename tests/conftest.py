@@ -1,6 +1,8 @@
 """Suite-wide hooks: the `gpu` marker, and no silent skips where the environment says every test must run.
 
 - A test marked `gpu` skips when torch sees no CUDA device: the one skip CI allows (a machine without CUDA).
+  The converse, a CPU-only check that cannot run where a real NVIDIA driver answers, skips with a reason that
+  starts with "gpu: " too, and is allowed the same way (.ci/run's junit check reads the same prefix).
 - When TPB_REQUIRE_SERVICES is set (.ci/run sets it to the services it starts), any other skip is an error:
   a skipped test, a skipping fixture or a module skipped at collection (importorskip) fails the run, so a dead
   service, a missing driver or a failed mount can never pass CI as a skip. Expected failures (xfail) stay as
@@ -42,7 +44,7 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if (report.skipped and required_services() and not hasattr(report, "wasxfail")
-            and item.get_closest_marker("gpu") is None):
+            and item.get_closest_marker("gpu") is None and not _skip_reason(report.longrepr).removeprefix("Skipped: ").startswith("gpu: ")):
         _refuse_skip(report, "test")
 
 
