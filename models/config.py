@@ -76,6 +76,10 @@ class ModelConfig:
     """Longest context: size of GPT-2's learned position table and of the RoPE cache."""
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    dropout: float = 0.0
+    """Dropout probability (nanoGPT style) on the output of every attention and FFN before it is added to the
+    residual stream, lane layers included; active in train mode only (eval and generate() ignore it). 0 = off,
+    the same numbers and random draws as a model without dropout."""
 
     # --- Tensor Parallel Blocks (arch == "tpb") ---
     recipe: str = "sandwich"
@@ -131,6 +135,9 @@ class ModelConfig:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 0 (0 = from the multiplier)")
         if self.ffn_mult <= 0 or (self.hidden is not None and self.d_ffn < 1):
             raise ValueError(f"ffn_mult={self.ffn_mult}: must give d_ffn = round(ffn_mult * hidden) >= 1")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout!r}: must be a number in [0, 1) (0 = no dropout)")
+        self.dropout = float(self.dropout)
         if self.comm_reduction not in REDUCTIONS:
             raise ValueError(f"comm_reduction={self.comm_reduction!r}: allowed: {', '.join(REDUCTIONS)}")
         if self.arch != "tpb":

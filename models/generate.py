@@ -14,6 +14,8 @@ models.layers.DecoderLayer.decode_weights): on CPU that matrix-vector product is
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -31,13 +33,25 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generato
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+@contextmanager
+def eval_mode(model):
+    """model.eval() inside (no dropout while sampling), the model's previous train / eval mode back after."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
+
+
 @torch.inference_mode()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              seed: int | None = None) -> torch.Tensor:
     """idx [B, T0] (prompt token ids) -> [B, T0 + max_new_tokens]: the prompt then the sampled tokens.
 
     temperature 0 is greedy decoding; `seed` fixes the draws (a generator of its own, the global RNG
-    untouched). The prompt and the new tokens must fit in cfg.max_seq_len.
+    untouched). The model runs in eval mode (no dropout), then gets its own mode back. The prompt and the
+    new tokens must fit in cfg.max_seq_len.
     """
     if temperature < 0 or max_new_tokens < 0 or (top_k is not None and top_k < 1):
         raise ValueError(f"temperature={temperature}, max_new_tokens={max_new_tokens}, top_k={top_k}: "
@@ -54,9 +68,10 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     if max_new_tokens == 0:
         return out
     cache = model.new_cache(B, total)
-    logits = model(idx, cache=cache, pos=0)[:, -1]  # prefill: [B, V] of the last prompt position
-    for t in range(T0, total):
-        out[:, t] = sample(logits, temperature, top_k, generator)
-        if t + 1 < total:
-            logits = model(out[:, t : t + 1], cache=cache, pos=t)[:, -1]  # one token: [B, V]
+    with eval_mode(model):
+        logits = model(idx, cache=cache, pos=0)[:, -1]  # prefill: [B, V] of the last prompt position
+        for t in range(T0, total):
+            out[:, t] = sample(logits, temperature, top_k, generator)
+            if t + 1 < total:
+                logits = model(out[:, t : t + 1], cache=cache, pos=t)[:, -1]  # one token: [B, V]
     return out

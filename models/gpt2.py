@@ -3,6 +3,7 @@
 Parameters (H hidden, F = d_ffn, 4H in the preset): wte [V, H], wpe [max_seq_len, H]; per layer
 ln1 (w, b), attn.c_attn [H, 3H] + 3H, attn.c_proj [H, H] + H, ln2 (w, b), mlp.c_fc [H, F] + F,
 mlp.c_proj [F, H] + H; ln_f (w, b); head [V, H] unless tied. n_kv_heads is ignored (MHA).
+Dropout (cfg.dropout, train mode only) on every attention and MLP output: Hugging Face's resid_pdrop.
 
 Incremental decoding as models.llama: new_cache(batch, max_len), forward(idx, cache=, pos=), generate.
 """
@@ -15,7 +16,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.generate import generate
-from models.layers import KVCache, attend, attend_cached, init_weights
+from models.layers import KVCache, attend, attend_cached, drop, init_weights
 from models.loss import lm_output
 
 
@@ -48,16 +49,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, n_heads: int, d_ffn: int, eps: float) -> None:
+    def __init__(self, dim: int, n_heads: int, d_ffn: int, eps: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(dim, eps=eps)
         self.attn = CausalSelfAttention(dim, n_heads)
         self.ln2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, d_ffn)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, pos)
-        return x + self.mlp(self.ln2(x))
+        x = x + drop(self.attn(self.ln1(x), cache, pos), self.dropout, self.training)  # [B, T, H]
+        return x + drop(self.mlp(self.ln2(x)), self.dropout, self.training)
 
 
 class GPT2(nn.Module):
@@ -69,7 +71,8 @@ class GPT2(nn.Module):
         H = cfg.hidden
         self.wte = nn.Embedding(cfg.vocab_size, H)
         self.wpe = nn.Embedding(cfg.max_seq_len, H)
-        self.h = nn.ModuleList(Block(H, cfg.n_heads, cfg.d_ffn, cfg.norm_eps) for _ in range(cfg.n_layers))
+        self.h = nn.ModuleList(Block(H, cfg.n_heads, cfg.d_ffn, cfg.norm_eps, cfg.dropout)
+                               for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(H, eps=cfg.norm_eps)
         self.head = nn.Linear(H, cfg.vocab_size, bias=False)
         if cfg.tied:

@@ -2,6 +2,8 @@
 
 Both models use nn.Linear layouts and rotate-half RoPE, so weights map one to one (no permutation).
 `transformers` is an optional dependency: it is imported inside the functions.
+ModelConfig.dropout is not exported: LlamaConfig has no residual dropout (its attention_dropout drops attention
+probabilities, another thing), and both models compute the same logits in eval mode.
 """
 
 from __future__ import annotations

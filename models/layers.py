@@ -1,7 +1,7 @@
 """Building blocks shared by the Llama baseline and the dense layers of the hybrid TPB model.
 
 Smallest parts first: RMSNorm -> rotary tables -> KV cache -> causal attention core -> Attention
-(GQA) -> SwiGLU -> DecoderLayer (pre-norm) -> weight initialisation used by every model.
+(GQA) -> SwiGLU -> dropout -> DecoderLayer (pre-norm) -> weight initialisation used by every model.
 
 Incremental decoding: every attention call takes an optional `cache` (a preallocated KVCache) and
 `pos`, the position of the first of the T new tokens. Without a cache it is the training path,
@@ -189,21 +189,29 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(self.w1(x)) * self.w2(x))  # [B, T, D]
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm Llama layer: x + attn(norm(x)), then + ffn(norm(x))."""
+def drop(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout(x, p) (a mask drawn from torch's global generator) in train mode with p > 0; otherwise x itself:
+    p = 0 and eval mode compute nothing and draw nothing."""
+    return F.dropout(x, p, training) if training and p > 0 else x
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, d_ffn: int, eps: float) -> None:
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama layer: x + drop(attn(norm(x))), then + drop(ffn(norm(x))) (dropout p: train mode only)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, d_ffn: int, eps: float, dropout: float = 0.0
+                 ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps)
         self.attn = Attention(dim, n_heads, n_kv_heads)
         self.ffn_norm = RMSNorm(dim, eps)
         self.ffn = SwiGLU(dim, d_ffn)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
         if cache is not None and cache.weights:
             return self._decode(x, rope, cache, pos)
-        x = x + self.attn(self.attn_norm(x), rope, cache, pos)  # x [B, T, D]
-        return x + self.ffn(self.ffn_norm(x))
+        x = x + drop(self.attn(self.attn_norm(x), rope, cache, pos), self.dropout, self.training)  # x [B, T, D]
+        return x + drop(self.ffn(self.ffn_norm(x)), self.dropout, self.training)
 
     @torch.no_grad()
     def decode_weights(self) -> dict[str, torch.Tensor]:
@@ -226,9 +234,9 @@ class DecoderLayer(nn.Module):
         v = qkv[..., (nh + nkv) * hd :].view(B, T, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
         k, v = cache.update(qk[:, nh:], v, pos)  # [B, nkv, pos + T, hd]
         y = attend_cached(qk[:, :nh], k, v, pos, enable_gqa=nkv != nh)  # [B, nh, T, hd]
-        x = x + y.transpose(1, 2).reshape(B, T, nh * hd) @ w["wo"]
+        x = x + drop(y.transpose(1, 2).reshape(B, T, nh * hd) @ w["wo"], self.dropout, self.training)
         gate, up = (self.ffn_norm(x) @ w["w12"]).chunk(2, dim=-1)  # [B, T, F] each
-        return x + (F.silu(gate) * up) @ w["w3"]
+        return x + drop((F.silu(gate) * up) @ w["w3"], self.dropout, self.training)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device, decode_layout: bool = True
                   ) -> KVCache:

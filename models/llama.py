@@ -1,5 +1,7 @@
 """Llama baseline (report section 2.1): embedding -> n_layers x DecoderLayer -> RMSNorm -> LM head.
 
+Dropout (cfg.dropout, train mode only) on every attention and FFN output (models.layers.DecoderLayer).
+
 Parameters (H hidden, V vocabulary, see interfaces): tok_emb [V, H]; per layer attn_norm, wq, wk,
 wv, wo, ffn_norm, w1, w2, w3 (models.layers.DecoderLayer); norm [H]; head [V, H] unless tied.
 
@@ -29,7 +31,8 @@ class Llama(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, H)
         self.rope = Rotary(H // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(
-            DecoderLayer(H, cfg.n_heads, cfg.n_kv_heads, cfg.d_ffn, cfg.norm_eps) for _ in range(cfg.n_layers)
+            DecoderLayer(H, cfg.n_heads, cfg.n_kv_heads, cfg.d_ffn, cfg.norm_eps, cfg.dropout)
+            for _ in range(cfg.n_layers)
         )
         self.norm = RMSNorm(H, cfg.norm_eps)
         self.head = nn.Linear(H, cfg.vocab_size, bias=False)

@@ -11,7 +11,8 @@ holds the per-lane loop used as a test oracle).
 Parameters (L lanes, h lane hidden, Fl lane d_ffn, out = h (sandwich) or H / L (burger)):
 blocks.b.layers.d.{attn_norm [L, h], wq [L, h, h], wk, wv [L, h, kvl*hdl], wo [L, h, h],
 ffn_norm [L, h], w1, w2 [L, h, Fl], w3 [L, Fl, out]}; blocks.b.comm_norms.k [L, h] (one per
-(send, receive) pair); classic.b.c = models.layers.DecoderLayer at H.
+(send, receive) pair); classic.b.c = models.layers.DecoderLayer at H. Dropout (cfg.dropout, train mode
+only) on every attention and FFN output, lane layers and classic layers alike.
 
 Incremental decoding (models.generate): every lane keeps its own KV cache, one KVCache per lane
 layer with the lanes folded into its batch ([L*B, kvl, S, hdl]), and one per classic layer.
@@ -34,6 +35,7 @@ from models.layers import (
     RMSNorm,
     Rotary,
     causal_attention,
+    drop,
     init_weights,
     rope_at,
 )
@@ -86,6 +88,8 @@ class LaneLayer(nn.Module):
         self.w1 = nn.Parameter(torch.empty(L, h, d_ffn))
         self.w2 = nn.Parameter(torch.empty(L, h, d_ffn))
         self.w3 = nn.Parameter(torch.empty(L, d_ffn, cfg.lane_out))
+        self.dropout = cfg.dropout
+        """Dropout p on the attention and FFN outputs of every lane (train mode only)."""
         self.first_lane = 0
         """Index of this layer's lane 0 among all lanes (non-zero only for a tensor-parallel rank's share)."""
 
@@ -97,9 +101,10 @@ class LaneLayer(nn.Module):
         fold = (L * (N // seq_len), seq_len, -1)  # lanes folded into the batch: [L*B, T, *]
         y = causal_attention(q.view(fold), k.view(fold), v.view(fold), self.n_heads, self.n_kv_heads, rope,
                              cache, pos)
-        x = x + torch.bmm(y.view(L, N, h), self.wo)
+        x = x + drop(torch.bmm(y.view(L, N, h), self.wo), self.dropout, self.training)
         a = self.ffn_norm(x)
         f = torch.bmm(F.silu(torch.bmm(a, self.w1)) * torch.bmm(a, self.w2), self.w3)  # [L, N, out]
+        f = drop(f, self.dropout, self.training)
         return x + f if f.shape[-1] == h else add_to_own_slice(x, f, self.first_lane)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
@@ -187,7 +192,7 @@ class TPB(nn.Module):
         self.blocks = nn.ModuleList(TensorParallelBlock(cfg) for _ in range(cfg.tp_blocks))
         self.classic = nn.ModuleList(
             nn.ModuleList(
-                DecoderLayer(H, cfg.n_heads, cfg.n_kv_heads, cfg.d_ffn, cfg.norm_eps)
+                DecoderLayer(H, cfg.n_heads, cfg.n_kv_heads, cfg.d_ffn, cfg.norm_eps, cfg.dropout)
                 for _ in range(cfg.n_classic_layers)
             )
             for _ in range(cfg.tp_blocks)

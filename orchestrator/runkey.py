@@ -34,12 +34,14 @@ DATA_IGNORED = non_result_fields(DataConfig)
 
 
 def ignored_architecture_fields(cfg: ModelConfig) -> frozenset[str]:
-    """Fields of cfg that its architecture does not use."""
+    """Fields of cfg that its architecture does not use; dropout when it is 0 (the keys of runs made before
+    the field existed stay the same)."""
+    off = {"dropout"} if cfg.dropout == 0 else set()
     if cfg.arch == "llama":
-        return TPB_FIELDS | {"max_seq_len"}  # RoPE: the table length does not change the numbers
+        return TPB_FIELDS | {"max_seq_len"} | off  # RoPE: the table length does not change the numbers
     if cfg.arch == "gpt2":
-        return TPB_FIELDS | {"n_kv_heads", "rope_theta"}  # max_seq_len sizes the position table: kept
-    ignored = {"n_layers", "max_seq_len"}
+        return TPB_FIELDS | {"n_kv_heads", "rope_theta"} | off  # max_seq_len sizes the position table: kept
+    ignored = {"n_layers", "max_seq_len"} | off
     if not cfg.comm:
         ignored |= COMM_FIELDS
     if cfg.n_classic_layers == 0:

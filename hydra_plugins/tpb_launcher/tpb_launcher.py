@@ -58,6 +58,8 @@ class TpbLauncher(Launcher):
         for cfg, ovr, outcome in zip(configs, overrides, outcomes, strict=True):
             failed = outcome.state.failed
             value = RuntimeError(outcome.error or "job failed") if failed else outcome
+            if failed:
+                value.outcome = outcome  # the tpb_optuna sweeper tells Optuna this (KILLED or FAILED, run id)
             returns.append(JobReturn(overrides=ovr, cfg=cfg, hydra_cfg=None, working_dir=None,
                                      task_name=str(self.config.hydra.job.name),
                                      status=JobStatus.FAILED if failed else JobStatus.COMPLETED,

@@ -45,9 +45,12 @@ ConfigStore.instance().store(group="hydra/sweeper", name="tpb_optuna", node=TPBO
 
 
 def _outcome(ret: Any):
-    """A Hydra JobReturn -> an Outcome (a failed job's exception becomes its error)."""
+    """A Hydra JobReturn -> an Outcome (a failed job's exception becomes its error, unless it carries the
+    launcher's Outcome)."""
     if ret.status != JobStatus.COMPLETED:
         err = ret._return_value  # JobReturn.return_value would re-raise the job's exception
+        if isinstance(getattr(err, "outcome", None), Outcome):
+            return err.outcome  # the tpb launcher's: its own state (KILLED or FAILED), error and run id
         return Outcome(State.FAILED, error=f"{type(err).__name__}: {err}")
     return Outcome.of(ret.return_value)
 

@@ -55,6 +55,11 @@ BAD = [  # (case, fields, text the message must contain)
     ("odd lane head dim", dict(TPB, recipe="burger", hidden=72, lane_heads=8), "odd head dimension 9"),
     ("kv heads do not divide heads", dict(n_heads=4, n_kv_heads=3), "n_kv_heads=3: must divide n_heads=4"),
     ("lane kv heads do not divide lane heads", dict(TPB, lane_heads=4, lane_kv_heads=3), "lane_kv_heads=3: must divide lane_heads=4"),
+    ("dropout 1", dict(dropout=1.0), "dropout=1.0: must be a number in [0, 1)"),
+    ("negative dropout", dict(TPB, dropout=-0.1), "dropout=-0.1: must be a number in [0, 1)"),
+    ("nan dropout", dict(dropout=float("nan")), "dropout=nan"),
+    ("string dropout", dict(dropout="0.1"), "dropout='0.1'"),
+    ("bool dropout", dict(dropout=True), "dropout=True"),
 ]
 
 
@@ -71,6 +76,8 @@ GOOD = [
     ("message past the lane depth is dropped, not refused", dict(COMM, comm_start=2, comm_length=5)),
     ("gpt2 with an odd head dim (no RoPE)", dict(arch="gpt2", hidden=36, n_heads=4, n_kv_heads=4)),
     ("tpb without classic layers ignores n_heads", dict(TPB, n_classic_layers=0, n_heads=5, n_kv_heads=1)),
+    ("dropout just below 1", dict(dropout=0.999)),
+    ("integer dropout 0 (a YAML 0)", dict(dropout=0)),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Real processes: SIGKILL + resume, SIGUSR2 / SIGTERM preemption + resume, NaN / inf stops.
+"""Real processes: SIGKILL + resume (without and with dropout), SIGUSR2 / SIGTERM preemption + resume, NaN / inf
+stops.
 
 Every run is tests/trainers/helpers.py in a subprocess (tiny Llama, fp32, one thread, 12 steps,
 checkpoints every 4). Resumed runs must reproduce the straight run's losses bit for bit.
@@ -22,10 +23,13 @@ from tests.trainers.helpers import (
     tiny_data,
     wait_until_paused,
 )
+from trainers.checkpoint import load_latest
 from trainers.data import prepare_data
 
 pytestmark = pytest.mark.slow
 COMPARED = ("train_loss", "lr", "grad_norm", "tokens", "eval_loss")
+DROPOUT = {"dropout": 0.1}
+"""Model overrides of the dropout runs: masks drawn from torch's global generator at every training step."""
 
 
 @pytest.fixture(scope="module")
@@ -35,21 +39,31 @@ def cache(tmp_path_factory):
     return str(path)
 
 
+class Reference:
+    """12 steps without interruption, started in the background; calling it awaits the run and gives its rows."""
+
+    def __init__(self, cache: str, run_dir, **spec) -> None:
+        self.run_dir, self._rows = run_dir, None
+        self._proc = spawn({"run_dir": str(run_dir), "cache_dir": cache, **spec})
+
+    def __call__(self) -> list[dict]:
+        if self._rows is None:
+            code, out = finish(self._proc)
+            assert code == 0, out
+            self._rows = rows(self.run_dir)
+        return self._rows
+
+
 @pytest.fixture(scope="module")
 def straight(cache, tmp_path_factory):
-    """The reference: 12 steps without interruption (started in the background, awaited when used)."""
-    run_dir = tmp_path_factory.mktemp("straight")
-    proc = spawn({"run_dir": str(run_dir), "cache_dir": cache})
-    result = {}
+    """The reference run."""
+    return Reference(cache, tmp_path_factory.mktemp("straight"))
 
-    def get() -> list[dict]:
-        if not result:
-            code, out = finish(proc)
-            assert code == 0, out
-            result["rows"] = rows(run_dir)
-        return result["rows"]
 
-    return get
+@pytest.fixture(scope="module")
+def straight_dropout(cache, tmp_path_factory):
+    """The reference run with dropout."""
+    return Reference(cache, tmp_path_factory.mktemp("straight_dropout"), model=DROPOUT)
 
 
 def _bits(rows_: list[dict]) -> dict[int, dict[str, str]]:
@@ -84,6 +98,30 @@ def test_sigkill_between_checkpoints_then_resume_is_bitwise_exact(cache, straigh
     code, out = finish(spawn({"run_dir": str(run_dir), "cache_dir": cache}))
     assert code == 0 and _result(out)["status"] == "finished"
     _assert_same_record(rows(run_dir), straight())
+
+
+def test_sigkill_then_resume_with_dropout_is_bitwise_exact_through_the_rng_restore(cache, straight,
+                                                                                   straight_dropout, tmp_path):
+    """Dropout draws its masks from torch's global generator, which the data order (a shuffle seeded by
+    (seed, epoch)) never touches: only checkpoint 4's restored RNG state makes the resumed steps 5-12 draw the
+    straight run's masks (trainers/loop.py _resume -> trainers/checkpoint.py restore_rng)."""
+    run_dir = tmp_path / "run"
+    spec = {"run_dir": str(run_dir), "cache_dir": cache, "model": DROPOUT}
+    proc = spawn({**spec, "pause_before": 7})
+    wait_until_paused(proc)
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert _checkpoint_steps(run_dir) == [4] and [r["step"] for r in rows(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+    code, out = finish(spawn(spec))
+    assert code == 0 and _result(out)["status"] == "finished"
+    _assert_same_record(rows(run_dir), straight_dropout())
+    final, reference = load_latest(run_dir), load_latest(straight_dropout.run_dir)
+    assert final.step == reference.step == 12 and final.model.keys() == reference.model.keys()
+    assert all(final.model[k].equal(reference.model[k]) for k in final.model)  # the final weights, bit for bit
+    first = straight()[0]  # step 1: same weights and batch, so only the dropout masks differ
+    assert straight_dropout()[0]["train_loss"] != first["train_loss"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM], ids=["SIGUSR2", "SIGTERM"])
