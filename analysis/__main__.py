@@ -18,11 +18,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from analysis import decode
 from analysis.devices import DEVICES, get_device
 
 # --- decode ---
+
+
+def _check_figure(path: str) -> None:
+    """The folder of --figure exists: checked before any work (the figure is written last)."""
+    folder = Path(path).expanduser().parent
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"--figure={path!r}: its folder {str(folder)!r} {what}")
 
 
 def add_decode(subparsers: argparse._SubParsersAction) -> None:
@@ -108,6 +117,8 @@ def _examples() -> list[str]:
 def run_decode(args: argparse.Namespace) -> int:
     if args.gpus < 1 or args.batch < 1 or args.model_bytes <= 0:
         raise ValueError(f"--gpus={args.gpus}, --batch={args.batch} must be >= 1 and --model-bytes > 0")
+    if args.figure:
+        _check_figure(args.figure)
     lines = _comparison(args)
     if args.examples:
         lines += _examples()
@@ -143,6 +154,10 @@ def add_decode_measure(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_decode_measure(args: argparse.Namespace) -> int:
+    if min(args.gpus) < 1:
+        raise ValueError(f"--gpus {' '.join(map(str, args.gpus))}: every world size G must be >= 1")
+    if args.figure:
+        _check_figure(args.figure)
     from analysis import decode_measure as dm
 
     base = dm.llama(args.hidden, args.layers, args.vocab, heads=args.heads, kv_heads=args.kv_heads)
@@ -178,6 +193,8 @@ def add_samples(subparsers: argparse._SubParsersAction) -> None:
 def run_samples(args: argparse.Namespace) -> int:
     from analysis import samples
 
+    if args.run_dir and not Path(args.run_dir).expanduser().is_dir():
+        raise ValueError(f"--run-dir={args.run_dir!r}: no such folder (a run's folder: <output_dir>/<sweep>/<run key>)")
     if args.run_dir:
         items = [samples.run_dir_source(args.run_dir, args.tracking_uri)]
     else:

@@ -12,7 +12,8 @@ parent run in MLflow) and the URL of its runs table in MLflow's UI.
 
 Exit codes: 0 every run finished (or was skipped, or detached); 1 some run failed or was killed;
 2 bad input (unknown key, group option or sweep, bad value, unsolvable budget, unwritable output
-directory, unreachable tracking store, a `_target_` override): nothing launched, nothing written.
+directory, unreachable tracking store, a `_target_` override, a data file, data folder, tokenizer or cache
+folder that cannot be used, a hub id the hub refuses): nothing launched, nothing written.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from orchestrator import launcher
+from orchestrator import launcher, plan
 from orchestrator.config import ConfigError, bad_input_message, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +77,7 @@ def main() -> None:
     sys.argv[1:] = _multirun_first(sys.argv[1:])
     _plugins_importable()
     register_configs()
+    plan.HUB_CHECKS = True  # the parent asks the hub about hub ids before anything is written
     try:
         _single()
     except SystemExit as done:

@@ -19,8 +19,12 @@ from models.budget import BudgetError, solve
 from models.counts import ffn_shape, non_embedding_params, param_count, sync_count
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.runkey import run_key
+from trainers.inputs import check_hub, check_inputs
 
 DECODE_DEVICE, DECODE_GPUS = "H100", 8
+HUB_CHECKS = False
+"""Ask the hub about data.hub_id / data.tokenizer too (trainers.inputs.check_hub): the entry point turns it on;
+other callers (tests, benchmarks) plan offline."""
 
 
 @dataclass
@@ -81,6 +85,9 @@ def plan_job(run: RunConfig, overrides: list[str] | None = None) -> Job:
         measure = run.protocol.measure_decode or (run.study is not None and run.study.measures_decode)
         protocol = dataclasses.replace(run.protocol, steps=steps, measure_decode=measure)
         protocol.grad_accum(run.cluster.world_size)
+        check_inputs(run.data)  # files, folders, tokenizer and cache paths: before anything is written
+        if HUB_CHECKS:
+            check_hub(run.data, protocol.context)
     except (BudgetError, ValueError) as error:
         raise ConfigError(f"{error}{_where(overrides)}") from error
     if protocol.context > arch.max_seq_len:

@@ -1,4 +1,5 @@
 """Data pipeline: corpus -> tokenizer -> flat arrays of token ids (train, test), memory-mapped and cached.
+The corpus sources are trainers/corpus.py; the checks of the paths a config names, trainers/inputs.py.
 
     prepared = prepare_data(DataConfig(), context=128)
     prepared.train, prepared.test     # 1-D np.memmap (uint16 if vocab < 65536 else uint32)
@@ -28,36 +29,27 @@ exists is complete.
 from __future__ import annotations
 
 import fcntl
-import glob
-import hashlib
 import json
 import os
-import platform
 import re
 import shutil
-import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain, groupby
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from trainers.config import DataConfig
+from trainers.corpus import BATCH_DOCS, batches, corpus_description, load_corpus, sha256_json
 from trainers.tokenizer import TextTokenizer, bpe_tokenizer, pretrained_spec, pretrained_tokenizer, train_bpe
 
 FORMAT_VERSION = 3
 """Bump when the layout or the content of a cache folder changes: old folders are then ignored."""
-STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
-"""Folders of the standard library left out of the corpus: installed packages and test suites."""
-FILE_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-"""Extension -> `datasets` packaged loader. A .txt file is one document."""
-BATCH_DOCS = 512
 GATHER_TOKENS = 1 << 22
 """Tokens copied per chunk when a split is gathered from the raw file (bounds the index arrays' memory)."""
 
@@ -90,186 +82,20 @@ def unigram_entropy(*splits: np.ndarray, chunk: int = 1 << 24) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+DEFAULT_CACHE = "~/.cache/tpb-sweeps"
+
+
+def cache_setting(cfg: DataConfig) -> tuple[str, str]:
+    """(the setting that names the cache folder, its value): data.cache_dir, else $TPB_CACHE, else the default."""
+    if cfg.cache_dir:
+        return "data.cache_dir", cfg.cache_dir
+    if os.environ.get("TPB_CACHE"):
+        return "TPB_CACHE", os.environ["TPB_CACHE"]
+    return "data.cache_dir (empty, TPB_CACHE unset: the default)", DEFAULT_CACHE
+
+
 def cache_root(cfg: DataConfig) -> Path:
-    root = cfg.cache_dir or os.environ.get("TPB_CACHE") or "~/.cache/tpb-sweeps"
-    return Path(root).expanduser()
-
-
-def _sha256(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-# --- corpus sources ----------------------------------------------------------------------------
-
-
-def stdlib_files() -> list[Path]:
-    """The running interpreter's standard-library .py files, sorted by relative path.
-
-    Left out: installed packages, test suites, byte-code caches, and build-specific files
-    (_sysconfigdata*, config-*/) that differ between two installs of the same version.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    found = []
-    for folder, dirs, files in os.walk(root):
-        rel = Path(folder).relative_to(root)
-        dirs[:] = [d for d in dirs if d not in STDLIB_SKIP_DIRS and not (rel == Path(".") and d.startswith("config-"))]
-        found += [rel / f for f in files if f.endswith(".py") and not f.startswith("_sysconfigdata")]
-    return [root / rel for rel in sorted(found, key=lambda p: p.as_posix())]
-
-
-def data_files(cfg: DataConfig) -> list[Path]:
-    """data.files with glob patterns expanded (sorted), checked to exist and to have a known type."""
-    paths: list[Path] = []
-    for entry in cfg.files:
-        pattern = str(Path(entry).expanduser())
-        if glob.has_magic(pattern):
-            matched = sorted(glob.glob(pattern))
-            if not matched:
-                raise ValueError(f"data.files: no file matches {entry!r}")
-            paths += [Path(p) for p in matched]
-        elif not Path(pattern).is_file():
-            raise ValueError(f"data.files: {entry!r} does not exist or is not a file")
-        else:
-            paths.append(Path(pattern))
-    for path in paths:
-        if path.suffix not in FILE_LOADERS:
-            raise ValueError(f"data.files: {str(path)!r} has an unknown type {path.suffix!r}; "
-                             f"allowed: {', '.join(FILE_LOADERS)}")
-    return [p.resolve() for p in paths]
-
-
-def corpus_description(cfg: DataConfig) -> dict:
-    """What identifies the text of the corpus (hashed into the fingerprints); cheap: stats, no reads."""
-    desc: dict = {"source": cfg.source, "max_docs": cfg.max_docs, "max_bytes": cfg.max_bytes}
-    if cfg.source == "stdlib":
-        files = stdlib_files()
-        root = Path(sysconfig.get_paths()["stdlib"])
-        stats = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in files]
-        desc |= {"python": platform.python_version(), "implementation": sys.implementation.name,
-                 "n_files": len(files), "files": _sha256(stats)}
-    elif cfg.source == "files":
-        desc |= {"text_field": cfg.text_field,
-                 "files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data_files(cfg)]}
-    else:
-        desc |= {"hub_id": cfg.hub_id, "hub_config": cfg.hub_config, "split": cfg.split,
-                 "text_field": cfg.text_field}
-    return desc
-
-
-def _read_stdlib(max_bytes: int, progress: bool) -> list[str]:
-    texts, total = [], 0
-    for path in tqdm(stdlib_files(), desc="read stdlib", unit="file", disable=not progress):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            continue
-        total += len(text.encode())
-        if max_bytes and total > max_bytes:
-            break
-        texts.append(text)
-    return texts
-
-
-def _text_column(ds, cfg: DataConfig, origin: str):
-    if cfg.text_field not in ds.column_names:
-        raise ValueError(f"data.text_field={cfg.text_field!r}: not a column of {origin}; "
-                         f"columns: {', '.join(ds.column_names)}")
-    ds = ds.select_columns([cfg.text_field])
-    return ds if cfg.text_field == "text" else ds.rename_column(cfg.text_field, "text")
-
-
-def _load_files(cfg: DataConfig, hf_cache: Path):
-    from datasets import Value, concatenate_datasets, load_dataset
-
-    parts = []
-    for loader, group in groupby(data_files(cfg), key=lambda p: FILE_LOADERS[p.suffix]):
-        group = [str(p) for p in group]
-        extra = {"sample_by": "document"} if loader == "text" else {}
-        ds = load_dataset(loader, data_files=group, split="train", cache_dir=str(hf_cache), **extra)
-        parts.append(ds if loader == "text" else _text_column(ds, cfg, ", ".join(group)))
-    if len(parts) > 1:  # loaders differ in string type (string vs large_string): align them
-        parts = [ds.cast_column("text", Value("large_string")) for ds in parts]
-    return concatenate_datasets(parts)
-
-
-def _stream_rows(hub_id: str, hub_config: str, split: str, text_field: str, max_docs: int, max_bytes: int):
-    """{"text": ...} rows of a streamed data set, up to max_docs documents and max_bytes bytes (0 = all)."""
-    from datasets import load_dataset
-
-    total = 0
-    for i, row in enumerate(load_dataset(hub_id, hub_config or None, split=split, streaming=True)):
-        total += len((row[text_field] or "").encode())
-        if (max_docs and i >= max_docs) or (max_bytes and total > max_bytes):
-            return
-        yield {"text": row[text_field]}
-
-
-def _load_hub(cfg: DataConfig, hf_cache: Path):
-    """A hub data set (or a local data set folder). With data.max_docs or data.max_bytes it is streamed
-    and only the documents used are written (to hf_cache); otherwise the whole split is downloaded."""
-    from datasets import Dataset, load_dataset
-
-    streaming = bool(cfg.max_docs or cfg.max_bytes)
-    try:
-        ds = load_dataset(cfg.hub_id, cfg.hub_config or None, split=cfg.split, streaming=streaming)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"data.hub_id={cfg.hub_id!r} (data.hub_config={cfg.hub_config!r}, "
-                         f"data.split={cfg.split!r}): cannot load: {err}") from err
-    if not streaming:
-        return _text_column(ds, cfg, cfg.hub_id)
-    first = next(iter(ds), {})
-    if cfg.text_field not in first:
-        raise ValueError(f"data.text_field={cfg.text_field!r}: not a column of {cfg.hub_id}; "
-                         f"columns: {', '.join(first)}")
-    kwargs = {"hub_id": cfg.hub_id, "hub_config": cfg.hub_config, "split": cfg.split,
-              "text_field": cfg.text_field, "max_docs": cfg.max_docs, "max_bytes": cfg.max_bytes}
-    return Dataset.from_generator(_stream_rows, gen_kwargs=kwargs, cache_dir=str(hf_cache))
-
-
-def _limit(ds, cfg: DataConfig):
-    """Keep the first data.max_docs documents, then whole documents up to data.max_bytes."""
-    if cfg.max_docs and len(ds) > cfg.max_docs:
-        ds = ds.select(range(cfg.max_docs))
-    if cfg.max_bytes:
-        total, keep = 0, 0
-        for batch in ds.iter(batch_size=BATCH_DOCS):
-            for text in batch["text"]:
-                total += len((text or "").encode())
-                if total > cfg.max_bytes:
-                    return ds.select(range(keep))
-                keep += 1
-    return ds
-
-
-def load_corpus(cfg: DataConfig, hf_cache: Path, progress: bool = True):
-    """The corpus as a `datasets.Dataset` with one column, "text", limits applied."""
-    from datasets import Dataset
-
-    with _datasets_progress(progress):
-        if cfg.source == "stdlib":
-            ds = Dataset.from_dict({"text": _read_stdlib(cfg.max_bytes, progress)})
-        elif cfg.source == "files":
-            ds = _load_files(cfg, hf_cache)
-        else:
-            ds = _load_hub(cfg, hf_cache)
-        return _limit(ds, cfg)
-
-
-@contextmanager
-def _datasets_progress(enabled: bool) -> Iterator[None]:
-    import datasets
-
-    was = datasets.is_progress_bar_enabled()
-    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
-    try:
-        yield
-    finally:
-        (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
-
-
-def _batches(ds) -> Iterator[list[str]]:
-    for batch in ds.iter(batch_size=BATCH_DOCS):
-        yield [text for text in batch["text"] if text]
+    return Path(cache_setting(cfg)[1]).expanduser()
 
 
 # --- cache: lock + build in a temporary folder + atomic rename -------------------------------------
@@ -330,7 +156,7 @@ def _get_tokenizer(cfg: DataConfig, corpus_fp: str, ds, progress: bool) -> tuple
 
     def build(tmp: Path) -> None:
         n_batches = -(-len(ds) // BATCH_DOCS)
-        train_bpe(_batches(ds), cfg.vocab_size, n_batches, progress).save(str(tmp / "tokenizer.json"))
+        train_bpe(batches(ds), cfg.vocab_size, n_batches, progress).save(str(tmp / "tokenizer.json"))
 
     build_once(target, build)
     return bpe_tokenizer(target / "tokenizer.json"), target / "tokenizer.json"
@@ -369,7 +195,7 @@ def _tokenize_to(path: Path, ds, tok: TextTokenizer, dtype: np.dtype, progress: 
     tokens, its end-of-text id included."""
     lengths = []
     with open(path, "wb") as out, tqdm(total=len(ds), desc="tokenize", unit="doc", disable=not progress) as bar:
-        for texts in _batches(ds):
+        for texts in batches(ds):
             ids = tok.encode_batch(texts)
             out.write(_pack(ids, tok.eos_id, dtype).tobytes())
             lengths.append(np.array([len(d) + 1 for d in ids], dtype=np.int64))
@@ -459,22 +285,27 @@ def _build(cfg: DataConfig, context: int, desc: dict, tmp: Path, progress: bool)
         os.fsync(handle.fileno())
 
 
-def prepare_data(cfg: DataConfig, context: int, progress: bool = True) -> Prepared:
-    """Train and test token arrays of the corpus, built once per fingerprint and memory-mapped."""
-    check_test_split(cfg.test_tokens, context)  # fails fast, before any work
+def cache_target(cfg: DataConfig, context: int) -> tuple[Path, dict]:
+    """(the cache folder of this data config and context, the description its fingerprint hashes); reads no
+    corpus text (file stats only), loads no tokenizer."""
     corpus = corpus_description(cfg)
-    corpus_fp = _sha256(corpus)
+    corpus_fp = sha256_json(corpus)
     desc = {"format": FORMAT_VERSION, "corpus": corpus, "corpus_fp": corpus_fp,
             "tokenizer": tokenizer_spec(cfg, corpus_fp), "test_tokens": cfg.test_tokens, "seed": cfg.seed,
             "context": context}
-    fingerprint = _sha256(desc)
-    desc["fingerprint"] = fingerprint
+    desc["fingerprint"] = sha256_json(desc)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.name) or "data"
-    target = cache_root(cfg) / "data" / f"{name}-{fingerprint[:16]}"
+    return cache_root(cfg) / "data" / f"{name}-{desc['fingerprint'][:16]}", desc
+
+
+def prepare_data(cfg: DataConfig, context: int, progress: bool = True) -> Prepared:
+    """Train and test token arrays of the corpus, built once per fingerprint and memory-mapped."""
+    check_test_split(cfg.test_tokens, context)  # fails fast, before any work
+    target, desc = cache_target(cfg, context)
     build_once(target, lambda tmp: _build(cfg, context, desc, tmp, progress))
     meta = json.loads((target / "meta.json").read_text())
     train = np.load(target / "train.npy", mmap_mode="r")
     test = np.load(target / "test.npy", mmap_mode="r")
     check_sizes(len(train), len(test), context)
     entropy = meta["unigram_entropy"] if "unigram_entropy" in meta else unigram_entropy(train, test)
-    return Prepared(train, test, meta["vocab_size"], fingerprint, target, entropy)
+    return Prepared(train, test, meta["vocab_size"], desc["fingerprint"], target, entropy)

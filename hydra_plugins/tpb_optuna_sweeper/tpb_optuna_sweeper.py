@@ -85,17 +85,18 @@ class TPBOptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from orchestrator.study.driver import resolve_storage, run_study
 
-        try:
+        try:  # every check before anything is written
             self._validate(arguments)
-        except ValueError as error:  # bad input: a message and exit code 2, not Hydra's traceback
+            if self.config.get("dry_run"):
+                return self._dry_run()
+            self.storage = resolve_storage(self.study.storage, create=False)
+            self._preflight()
+        except ValueError as error:  # bad input (ConfigError included): a message and exit code 2, not a traceback
             raise bad_input(error) from error
-        if self.config.get("dry_run"):
-            return self._dry_run()
-        self.storage = resolve_storage(self.study.storage)
+        resolve_storage(self.storage)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        self._preflight()
         log.info(f"Study {self.study.name}: {self.study.n_trials} trials, {self.study.n_parallel} in parallel, "
                  f"storage {self.storage}")
         return run_study(self.study, self._evaluate, storage=self.storage,
@@ -131,12 +132,17 @@ class TPBOptunaSweeper(Sweeper):
         return self.launcher.launch([self._overrides(p) for p in points], initial_job_idx=0)
 
     def _preflight(self) -> None:
-        """Compose the representative points: bad keys or group choices fail before any trial."""
+        """Compose the representative points: bad keys or group choices fail before any trial, and so do the
+        data, tokenizer and cache paths the trials share (trainers.inputs.check_inputs)."""
+        from orchestrator.config import to_run_config
+        from trainers.inputs import check_inputs
+
         for point in self.study.representative_points():
             try:
-                self._compose(self._overrides(point, number=0))
+                cfg = self._compose(self._overrides(point, number=0))
             except Exception as err:  # Hydra raises several exception types for a bad override
                 raise ValueError(f"study.space: the point {point} does not compose: {err}") from err
+            check_inputs(to_run_config(cfg).data)
 
     def _precheck(self, job) -> dict[str, Any]:
         from orchestrator.study.driver import precheck

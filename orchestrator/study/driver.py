@@ -29,7 +29,7 @@ from orchestrator.config import to_run_config
 from orchestrator.outcome import Outcome, State
 from orchestrator.plan import plan_job
 from orchestrator.study.config import StudyConfig
-from orchestrator.tracking.store import store_lock
+from orchestrator.tracking.store import check_writable, store_lock
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 STALE_ERROR = "stale: the trial was RUNNING when a new sweeper started (the previous parent died)"
@@ -59,12 +59,15 @@ def make_sampler(cfg: StudyConfig, seed_offset: int = 0) -> optuna.samplers.Base
     return optuna.samplers.NSGAIIISampler(population_size=s.population_size, seed=seed)
 
 
-def resolve_storage(url: str, base: str | Path | None = None) -> str:
-    """Make a relative sqlite file or journal path absolute (jobs may run elsewhere); create its folder."""
+def resolve_storage(url: str, base: str | Path | None = None, create: bool = True) -> str:
+    """Make a relative sqlite file or journal path absolute (jobs may run elsewhere); check that its folder can
+    be made (ConfigError naming study.storage), then create it unless create=False."""
     url = resolve_uri(url, base or os.getcwd())
     path = Path(url[len(JOURNAL):]) if url.startswith(JOURNAL) else sqlite_path(url)
     if path is not None and url != "sqlite:///:memory:":
-        path.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(path.parent, "study.storage (its folder)")
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
     return url
 
 

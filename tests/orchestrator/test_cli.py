@@ -9,52 +9,47 @@ from pathlib import Path
 
 import pytest
 
+from tests.orchestrator.cli_rows import check, row, run_rows
 from tests.orchestrator.orch_support import command, env, tree
 
 BAD = {
-    "unknown_sweep": (["+sweep=nope", "-m"], "sweep/nope"),
-    "unknown_architecture": (["architecture=mamba"], "architecture/mamba"),
-    "unknown_cluster": (["cluster=k8s"], "cluster/k8s"),
-    "unknown_key": (["protocol.foo=1"], "foo"),
-    "target_override": (["+architecture._target_=os.system"], "_target_"),
-    "target_hydra_override": (["hydra.launcher._target_=builtins.print", "-m"], "_target_"),
-    "bad_field": (["protocol.schedule=linear"], "protocol.schedule"),
-    "unsolvable_budget": (["architecture=burger", "architecture.lane_count=16", "budget=100000"], "budget of 100,000"),
-    "unsolvable_in_sweep": (["+sweep=lane_count", "-m", "budget=300000"], "lane_count="),
-    "unwritable_output_dir": (["output_dir=blocker/out"], "output_dir"),
-    "unreachable_tracking": (["tracking.uri=http://127.0.0.1:9"], "tracking.uri"),
-    "seeds_without_multirun": (["seeds=2"], "add -m"),
-    "seeds_with_a_study": (["+study=speed_quality", "-m", "seeds=2"], "Optuna study"),
-    "seeds_swept": (["+sweep=lane_count", "-m", "seeds=1,2"], "seeds takes one number"),
-    "negative_seeds": (["+sweep=lane_count", "-m", "seeds=-1"], "seeds=-1"),
+    "unknown_sweep": row("+sweep=nope", "-m", field="sweep/nope"),
+    "unknown_architecture": row("architecture=mamba", field="architecture/mamba"),
+    "unknown_cluster": row("cluster=k8s", field="cluster/k8s"),
+    "unknown_key": row("protocol.foo=1", field="foo"),
+    "target_override": row("+architecture._target_=os.system", field="_target_"),
+    "target_hydra_override": row("hydra.launcher._target_=builtins.print", "-m", field="_target_"),
+    "bad_field": row("protocol.schedule=linear", field="protocol.schedule"),
+    "unsolvable_budget": row("architecture=burger", "architecture.lane_count=16", "budget=100000",
+                             field="budget of 100,000"),
+    "unsolvable_in_sweep": row("+sweep=lane_count", "-m", "budget=300000", field="lane_count="),
+    "unwritable_output_dir": row("output_dir=blocker/out", field="output_dir"),
+    "unreachable_tracking": row("tracking.uri=http://127.0.0.1:9", field="tracking.uri"),
+    "seeds_without_multirun": row("seeds=2", field="add -m"),
+    "seeds_with_a_study": row("+study=speed_quality", "-m", "seeds=2", field="Optuna study"),
+    "seeds_swept": row("+sweep=lane_count", "-m", "seeds=1,2", field="seeds takes one number"),
+    "negative_seeds": row("+sweep=lane_count", "-m", "seeds=-1", field="seeds=-1"),
+    # the in-process rows of test_config.py, test_plan.py and test_tracking.py, through the entry point
+    "schedule_bogus": row("protocol.schedule=bogus", field="protocol.schedule"),
+    "hidden_null_without_budget": row("architecture.hidden=null", "budget=0", field="architecture.hidden=null"),
+    "budget_fit_lanes": row("budget_fit=lanes", field="budget_fit='lanes': allowed: ffn, lane_ffn, hidden"),
+    "lanes_not_dividing": row("architecture=burger", "architecture.lane_count=3", "budget=0",
+                              field="lane_count=3 does not divide hidden=256"),
+    "output_dir_is_a_file": row("output_dir=blocker", field="is not a folder"),
+    "data_file_missing": row("data.source=files", "data.files=[missing.txt]", field="data.files: 'missing.txt'"),
 }
 
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory):
-    """Every bad command at once, each in its own empty folder (plus a file `blocker` where a folder must go)."""
-    procs = {}
-    for name, (args, _) in BAD.items():
-        cwd = tmp_path_factory.mktemp(name)
-        (cwd / "blocker").write_text("a file, not a folder")
-        before = tree(cwd)
-        procs[name] = (cwd, before, subprocess.Popen(command(args), cwd=cwd, env=env(cwd / "cache"),
-                                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = {}
-    for name, (cwd, before, proc) in procs.items():
-        out, err = proc.communicate(timeout=300)
-        results[name] = (proc.returncode, out + err, before, tree(cwd))
-    return results
+    """Every bad command at once, each in a folder of its own (tests/orchestrator/cli_rows.py)."""
+    return run_rows(BAD, tmp_path_factory.mktemp("cli"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_bad_input_exits_2_names_the_field_and_writes_nothing(bad_runs, name):
-    code, output, before, after = bad_runs[name]
-    assert code == 2, output
-    assert BAD[name][1] in output, output
-    assert "Traceback" not in output, output
-    assert after == before, f"written: {sorted(after - before)}"
+    check(bad_runs[name], BAD[name])
 
 
 @pytest.mark.slow
@@ -94,7 +89,8 @@ def test_dry_run_with_seeds_prints_every_seed_of_every_point(tmp_path: Path):
             assert f"{recipe}-L{lanes}-d12-b1-c1-s{seed}" in out["lane_count"]
     assert "-s3 " not in out["lane_count"]
     assert "8 job(s), 8 unique run key(s)" in out["variance"]
-    named = sorted(re.findall(r"\b(burger|llama)-\S+-s(\d+)-schedule=(cosine|wsd)\b", out["variance"]))
+    table = "\n".join(line for line in out["variance"].splitlines() if "│" in line)  # the plan table's rows
+    named = sorted(re.findall(r"\b(burger|llama)-\S+-s(\d+)-schedule=(cosine|wsd)\b", table))
     assert named == sorted((arch, str(seed), schedule) for arch in ("burger", "llama") for seed in (0, 1)
                            for schedule in ("cosine", "wsd")), out["variance"]
     assert tree(tmp_path) == before

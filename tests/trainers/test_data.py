@@ -9,14 +9,8 @@ import pytest
 
 from trainers import data as data_module
 from trainers.config import DataConfig
-from trainers.data import (
-    build_once,
-    load_corpus,
-    prepare_data,
-    split_documents,
-    stdlib_files,
-    unigram_entropy,
-)
+from trainers.corpus import load_corpus, stdlib_files
+from trainers.data import build_once, prepare_data, split_documents, unigram_entropy
 from trainers.tokenizer import EOS, bpe_tokenizer, train_bpe
 
 SMALL = {"vocab_size": 512, "test_tokens": 1000}
