@@ -134,7 +134,7 @@ class TPBOptunaSweeper(Sweeper):
     def _preflight(self) -> None:
         """Compose the representative points: bad keys or group choices fail before any trial, and so do the
         data, tokenizer and cache paths the trials share (trainers.inputs.check_inputs)."""
-        from orchestrator.config import to_run_config
+        from orchestrator.config import RunConfig, to_run_config
         from trainers.inputs import check_inputs
 
         for point in self.study.representative_points():
@@ -142,7 +142,8 @@ class TPBOptunaSweeper(Sweeper):
                 cfg = self._compose(self._overrides(point, number=0))
             except Exception as err:  # Hydra raises several exception types for a bad override
                 raise ValueError(f"study.space: the point {point} does not compose: {err}") from err
-            check_inputs(to_run_config(cfg).data)
+            if OmegaConf.get_type(cfg) is RunConfig:  # our runs (a plain Hydra app has its own config)
+                check_inputs(to_run_config(cfg).data)
 
     def _precheck(self, job) -> dict[str, Any]:
         from orchestrator.study.driver import precheck

@@ -91,20 +91,12 @@ def _rdb_storage(url: str, **kwargs: Any) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, **kwargs)
 
 
-def _existing_trials(storage: optuna.storages.BaseStorage, name: str) -> int:
-    try:
-        study_id = storage.get_study_id_from_name(name)
-    except KeyError:
-        return 0
-    return len(storage.get_all_trials(study_id, deepcopy=False))
-
-
 def open_study(cfg: StudyConfig, storage_url: str | None = None) -> optuna.Study:
     """Create the study or load it (same name, same objectives); mark stale RUNNING trials FAIL."""
     storage = open_storage(storage_url or resolve_storage(cfg.storage))
-    sampler = make_sampler(cfg, seed_offset=_existing_trials(storage, cfg.name))
-    study = optuna.create_study(storage=storage, study_name=cfg.name, sampler=sampler,
-                                pruner=cfg.pruner.build(), directions=cfg.directions, load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name=cfg.name, pruner=cfg.pruner.build(),
+                                directions=cfg.directions, load_if_exists=True)
+    study.sampler = make_sampler(cfg, seed_offset=len(study.get_trials(deepcopy=False)))
     stored = [d.name.lower() for d in study.directions]
     metrics = study.user_attrs.get("objectives", cfg.metrics)
     if stored != cfg.directions or metrics != cfg.metrics:
@@ -122,13 +114,11 @@ def open_study(cfg: StudyConfig, storage_url: str | None = None) -> optuna.Study
     return study
 
 
-def fail_stale(study: optuna.Study) -> list[int]:
+def fail_stale(study: optuna.Study) -> None:
     """RUNNING trials at start belong to a parent that died: tell them FAIL (one parent per study)."""
-    stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-    for t in stale:
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         optuna.trial.Trial(study, t._trial_id).set_user_attr("error", STALE_ERROR)
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-    return [t.number for t in stale]
 
 
 @dataclass
