@@ -71,14 +71,37 @@ def sweep(tmp_path_factory) -> tuple[Path, Path]:
     return folder, cache
 
 
+def fill_args(folder: Path, *extra: str) -> list[str]:
+    return ["decode-fill", "--sweep", "df", "--tracking-uri", uri(folder), "--no-progress", *extra]
+
+
 def fill_cli(folder: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "analysis", "decode-fill", "--sweep", "df", "--tracking-uri", uri(folder),
-           "--no-progress", *extra]
+    cmd = [sys.executable, "-m", "analysis", *fill_args(folder, *extra)]
     return subprocess.run(cmd, cwd=folder, env=env(cache), capture_output=True, text=True, timeout=300)
 
 
+def fill_here(folder: Path, cache: Path, capsys, monkeypatch, *extra: str) -> subprocess.CompletedProcess:
+    """The same command through `python -m analysis`'s main() in this process (no second interpreter to import
+    torch and MLflow again); torch's thread count (the command sets it) restored afterwards."""
+    import torch
+
+    from analysis.__main__ import main
+
+    threads = torch.get_num_threads()
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("TPB_CACHE", str(cache))
+    capsys.readouterr()
+    try:
+        code = main(fill_args(folder, *extra))
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["python", "-m", "analysis", *fill_args(folder, *extra)], code, out.out,
+                                       out.err)
+
+
 @pytest.mark.slow
-def test_decode_fill_measures_a_sweep_skips_what_it_has_and_force_measures_again(sweep):
+def test_decode_fill_measures_a_sweep_skips_what_it_has_and_force_measures_again(sweep, capsys, monkeypatch):
     folder, cache = sweep
     children = [r for r in runs(folder, "df") if r.data.tags.get("sweep_parent") != "true"]
     assert len(children) == 2 and not any(MS in r.data.metrics for r in children)
@@ -95,7 +118,7 @@ def test_decode_fill_measures_a_sweep_skips_what_it_has_and_force_measures_again
         assert f"{run.info.run_id[:8]}  measured  {ms:.3f}" in first.stdout  # the table prints what was logged
         logged[run.info.run_id] = ms
 
-    second = fill_cli(folder, cache)
+    second = fill_here(folder, cache, capsys, monkeypatch)  # the command again (in this process): all skipped
     assert second.returncode == 0, second.stdout + second.stderr
     assert second.stdout.strip().splitlines()[-1] == "2 skipped (of 2 finished runs)"
     for run_id, ms in logged.items():

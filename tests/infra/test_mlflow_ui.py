@@ -38,6 +38,8 @@ PARENT = "ui_sweep (sweep)"
 GENAI_OVERVIEW = ("Latency", "Token Usage", "Tokens per Trace")
 """Text of MLflow 3.17's GenAI overview page (what the experiment opens on without workflowType)."""
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+POLL_S = 0.2
+"""How often a page is read again while waiting for it (each read is one DevTools round trip, milliseconds)."""
 
 
 def free_port() -> int:
@@ -47,41 +49,57 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def swept(orch, tmp_path_factory) -> SimpleNamespace:
+def launched(orch, tmp_path_factory):
+    """The tiny sweep, and `mlflow ui` on a free port of 127.0.0.1 started beside it as soon as the sweep's store
+    exists (its first job submitted: opening a store the parent is still creating would race its schema
+    migration), so that the server's seconds of start-up overlap the sweep's jobs."""
     cwd = tmp_path_factory.mktemp("ui")
-    done = orch.run(["-m", "name=ui_sweep", "architecture=llama,burger", "architecture.lane_count=2", *orch.TINY,
-                     *orch.LOCAL], cwd)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return SimpleNamespace(cwd=cwd, stdout=done.stdout)
-
-
-@pytest.fixture(scope="module")
-def mlflow_ui(swept):
-    """`mlflow ui` on a free port of 127.0.0.1, once /health answers; yields its base URL."""
+    args = ["-m", "name=ui_sweep", "architecture=llama,burger", "architecture.lane_count=2", *orch.TINY, *orch.LOCAL]
+    with open(cwd / "sweep.out", "w") as out, open(cwd / "sweep.err", "w") as err:
+        sweep = subprocess.Popen(orch.command(args), cwd=cwd, env=orch.env(), stdout=out, stderr=err, text=True)
+    submitted = cwd / "runs" / "ui_sweep" / ".submitit"
+    orch.wait_until(lambda: sweep.poll() is not None or any(submitted.glob("*_submitted.pkl")), 180,
+                    "the sweep's first job", every=0.1)
     port = free_port()
-    log = open(swept.cwd / "mlflow-ui.log", "w")  # noqa: SIM115 (the server's output, closed below)
+    log = open(cwd / "mlflow-ui.log", "w")  # noqa: SIM115 (the server's output, closed below)
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                               f"sqlite:///{swept.cwd / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"], cwd=swept.cwd, stdout=log, stderr=subprocess.STDOUT,
+                               f"sqlite:///{cwd / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as answer:
-                    if answer.read().strip() == b"OK":
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow ui did not come up: {(swept.cwd / 'mlflow-ui.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield base
+        sweep.wait(timeout=300)
+        yield SimpleNamespace(cwd=cwd, returncode=sweep.returncode, stdout=(cwd / "sweep.out").read_text(),
+                              stderr=(cwd / "sweep.err").read_text(), server=server, port=port)
     finally:
+        if sweep.poll() is None:
+            sweep.kill()  # the sweep this fixture started, by its pid
         os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker: the group this test started
         server.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def swept(launched) -> SimpleNamespace:
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    return SimpleNamespace(cwd=launched.cwd, stdout=launched.stdout)
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(launched, swept):
+    """The `mlflow ui` of `launched` once /health answers; yields its base URL."""
+    base = f"http://127.0.0.1:{launched.port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as answer:
+                if answer.read().strip() == b"OK":
+                    break
+        except OSError:
+            pass
+        if launched.server.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"mlflow ui did not come up: {(swept.cwd / 'mlflow-ui.log').read_text()[-2000:]}")
+        time.sleep(0.1)
+    return base
 
 
 class Browser:
@@ -144,14 +162,14 @@ class Browser:
             if all(n in text for n in needles):
                 return text
             assert time.monotonic() < deadline, f"page never showed {needles}: {text[:3000]}"
-            time.sleep(0.5)
+            time.sleep(POLL_S)
 
     def wait_for(self, expression: str, what: str, timeout: float = 60):
         """Poll a JavaScript expression until it is truthy; its value."""
         deadline = time.monotonic() + timeout
         while not (value := self.evaluate(expression)):
             assert time.monotonic() < deadline, f"never {what}: {self.text()[:3000]}"
-            time.sleep(0.5)
+            time.sleep(POLL_S)
         return value
 
     def click(self, selector: str) -> bool:
@@ -176,11 +194,20 @@ class Browser:
         os.close(self.replies)
 
 
-@pytest.fixture()
-def browser(chromium, tmp_path):
-    driven = Browser(chromium, tmp_path / "profile")
+@pytest.fixture(scope="module")
+def chromium_page(chromium, tmp_path_factory):
+    """One headless Chromium (and page) for the module's tests: starting it costs seconds on two cores."""
+    driven = Browser(chromium, tmp_path_factory.mktemp("chromium") / "profile")
     yield driven
     driven.close()
+
+
+@pytest.fixture()
+def browser(chromium_page):
+    """The shared page, blank: nothing of the previous test's page can be read as this test's."""
+    chromium_page.open("about:blank")
+    chromium_page.wait_for("location.href === 'about:blank' && document.readyState === 'complete'", "blank")
+    return chromium_page
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -212,9 +239,9 @@ def unfold_parent(browser: Browser) -> str:
         if browser.click(UNFOLD):  # the row renders in steps: a click can come before the button works
             waited = time.monotonic() + 5
             while time.monotonic() < waited and not all(name in browser.text() for name in RUN_NAMES):
-                time.sleep(0.3)
+                time.sleep(POLL_S)
         else:
-            time.sleep(0.5)
+            time.sleep(POLL_S)
 
 
 def test_printed_url_opens_the_runs_table_with_nested_runs_and_their_charts(orch, swept, mlflow_ui, browser):
@@ -246,7 +273,7 @@ def test_printed_url_opens_the_runs_table_with_nested_runs_and_their_charts(orch
     assert "grad_norm" not in charts  # the view's chart search: the loss charts only
     browser.wait_for("document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= 4",
                      "drew the two runs' lines in the train_loss and eval_loss charts")
-    time.sleep(2)  # let the line charts settle before the picture
+    time.sleep(1)  # let the line charts settle before the picture
     shot = ARTIFACTS / "mlflow_charts.png"
     browser.screenshot(shot)
     assert png_size(shot) == (1600, 1000)

@@ -7,6 +7,13 @@ same command.
 
 The runs of one sweep differ only in protocol.eval_batches, which changes the run key (so each is its own
 run) but not a single training step: their train_loss / lr / grad_norm / tokens curves must be bitwise equal.
+
+Both tests assert on one 4-run job array (module fixture `array`): run 1 SIGKILLed, run 2 cancelled with
+scancel, run 3 untouched (the reference), run 4 preempted; then the same command once more, which skips 3 and 4
+and resumes 1 and 2. The preempted run is the last task: Slurm 22.05 answers `scancel --signal` on a running
+task "Job can not be altered now" while two or more tasks of its array are still pending, and scancel then
+retries for ~30 s, signalling the requeued task again as it restarts. (A job costs ~4 s to start and its parent polls Slurm every 5 s, and a SIGKILLed job
+another ~15 s of submitit waiting for its result file: one sweep and one re-run instead of two of each.)
 """
 
 from __future__ import annotations
@@ -15,9 +22,12 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -120,97 +130,138 @@ class Sweep:
         return self.orch.history(self.uri, run.info.run_id, key)
 
 
-@pytest.fixture
-def sweep(orch, tmp_path):
-    made: list[Sweep] = []
+@pytest.fixture(scope="module")
+def array(slurm_node, orch, tmp_path_factory) -> SimpleNamespace:
+    """The shared sweep, its faults injected as each run reaches SIGNAL_AT (one thread per run, in whatever
+    order Slurm starts them on its two CPUs), and what every step left: outputs, MLflow states, sacct.
+    Keys of runs / jobs: protocol.eval_batches, "1" killed, "2" cancelled, "3" reference, "4" preempted."""
+    name = f"slurm_array_{uuid.uuid4().hex[:6]}"
+    s = Sweep(orch, tmp_path_factory.mktemp("slurm"), name,
+              ["-m", f"name={name}", *orch.TINY, *LONG, *SLURM, "protocol.eval_batches=1,2,3,4"])
+    seen = SimpleNamespace(s=s, queue_after_scancel=[], window=0.0, left_queue=False)
+    stop_window = threading.Event()
+    pool = ThreadPoolExecutor(3)
+    try:
+        s.start()
+        seen.runs = runs = s.submitted(4)
+        seen.jobs = jobs = {k: r.data.tags["job_id"] for k, r in runs.items()}
+        seen.script = next((s.folder / "runs" / s.name / ".submitit").glob("*_submission.sh")).read_text()
 
-    def make(name: str, extra: list[str]) -> Sweep:
-        name = f"{name}_{uuid.uuid4().hex[:6]}"
-        made.append(Sweep(orch, tmp_path, name, ["-m", f"name={name}", *orch.TINY, *LONG, *SLURM, *extra]))
-        return made[-1]
+        def preempt() -> int:  # SIGUSR2 to the job's steps, as Slurm's --signal=USR2@<signal_delay_s> does
+            reached = s.wait_for_step(runs["4"], SIGNAL_AT)
+            subprocess.run(["scancel", "--signal=USR2", jobs["4"]], check=True, timeout=30)
+            return reached
 
-    yield make
-    for s in made:
+        def kill() -> tuple[int, list[int]]:  # its Python process SIGKILLed, as the OOM killer does
+            killed_at = s.wait_for_step(runs["1"], SIGNAL_AT)
+            return killed_at, kill_job_processes(jobs["1"])
+
+        def cancel_and_watch() -> None:
+            s.wait_for_step(runs["2"], SIGNAL_AT)
+            subprocess.run(["scancel", jobs["2"]], check=True, timeout=30)
+            # cancelled means cancelled: the job never comes back by itself (a requeue shows PENDING within a
+            # second); watched from the scancel until the re-run has ended and >= 12 s after the first parent did.
+            # Until it first leaves the queue it may still show as COMPLETING (its step ending) or RUNNING
+            started = time.monotonic()
+            while not stop_window.is_set():
+                state = in_queue(jobs["2"])
+                if state and (seen.left_queue or state not in ("COMPLETING", "RUNNING")):
+                    seen.queue_after_scancel.append(f"{state}: {sacct_attempts(jobs['2'])}")
+                seen.left_queue = seen.left_queue or not state
+                time.sleep(0.5)
+            seen.window = time.monotonic() - started
+
+        signals = [pool.submit(preempt), pool.submit(kill)]
+        watch = pool.submit(cancel_and_watch)
+        seen.reached, (seen.killed_at, seen.killed_pids) = signals[0].result(), signals[1].result()
+        seen.first = s.finish()
+        first_done = time.monotonic()
+        seen.after_first = {k: s.final(r) for k, r in runs.items()}
+        seen.victim_logged = [step for step, _ in s.curve(runs["1"], "train_loss")]
+        s.orch.wait_until(lambda: all(sacct_attempts(j) and sacct_attempts(j)[-1] in FINAL for j in jobs.values()),
+                          60, "sacct to record the four jobs", every=1)
+        seen.sacct = {k: sacct_attempts(j) for k, j in jobs.items()}
+
+        s.start()  # the same command again: two runs skipped, the killed and the cancelled one resumed
+        seen.again = s.finish()
+        seen.runs_after = s.runs()
+        seen.final = {k: s.final(r) for k, r in runs.items()}
+        seen.curves = {k: {key: s.curve(r, key) for key in (*orch.CURVE_KEYS, "eval_loss")} for k, r in runs.items()}
+        time.sleep(max(0.0, first_done + 12 - time.monotonic()))
+        stop_window.set()
+        watch.result()
+        seen.sacct_cancelled_after = sacct_attempts(jobs["2"])
+    finally:
+        stop_window.set()
+        pool.shutdown(wait=False, cancel_futures=True)
         s.stop()
+    return seen
 
 
-def assert_same_curve(s: Sweep, run, reference) -> None:
-    for key in s.orch.CURVE_KEYS:
-        curve, expected = s.curve(run, key), s.curve(reference, key)
-        assert [step for step, _ in curve] == STEPS, (run.info.run_name, key)  # every step once, none missing
-        assert curve == expected, (run.info.run_name, key)  # bitwise: float equality of every value
+def action_line(out: str, run_suffix: str, action: str) -> bool:
+    """The plan table printed a row for the run whose name ends in run_suffix with this action."""
+    return any(run_suffix in line and action in line for line in out.splitlines())
 
 
-def test_sweep_is_one_job_array_and_preempted_and_killed_jobs_resume_exactly(slurm_node, sweep):
-    s = sweep("slurm_array", ["protocol.eval_batches=1,2,3"])
-    s.start()
-    runs = s.submitted(3)
-    preempted, reference, victim = runs["1"], runs["2"], runs["3"]
-    jobs = {k: r.data.tags["job_id"] for k, r in runs.items()}
-    array = jobs["1"].split("_")[0]
-    assert sorted(jobs.values()) == [f"{array}_{i}" for i in range(3)]
-    script = next((s.folder / "runs" / s.name / ".submitit").glob("*_submission.sh")).read_text()
-    assert "#SBATCH --array=0-2" in script and "#SBATCH --partition=debug" in script
+def assert_same_curve(seen: SimpleNamespace, run: str, reference: str) -> None:
+    for key in seen.s.orch.CURVE_KEYS:
+        curve, expected = seen.curves[run][key], seen.curves[reference][key]
+        assert [step for step, _ in curve] == STEPS, (run, key)  # every step once, none missing
+        assert curve == expected, (run, key)  # bitwise: float equality of every value
 
-    # SIGUSR2 to the job's steps, as Slurm's --signal=USR2@<signal_delay_s> does before the wall time
-    reached = s.wait_for_step(preempted, SIGNAL_AT)
-    subprocess.run(["scancel", "--signal=USR2", jobs["1"]], check=True, timeout=30)
-    # the third task starts on the core the requeued one freed; its Python process is SIGKILLed (OOM killer)
-    killed_at = s.wait_for_step(victim, SIGNAL_AT)
-    assert kill_job_processes(jobs["3"])
 
-    code, out = s.finish()
-    assert code == 1, out  # one run did not finish
-    assert re.search(r"killed .*-eval_batches=3", out), out
-    assert s.final(preempted).info.status == "FINISHED" and "preempted" in s.final(preempted).data.tags
-    assert s.final(reference).info.status == "FINISHED"
-    dead = s.final(victim)
+def test_sweep_is_one_job_array_and_preempted_and_killed_jobs_resume_exactly(array):
+    seen = array
+    jobs = seen.jobs
+    arr = jobs["4"].split("_")[0]
+    assert sorted(jobs.values()) == [f"{arr}_{i}" for i in range(4)]
+    assert "#SBATCH --array=0-3" in seen.script and "#SBATCH --partition=debug" in seen.script
+    assert seen.killed_pids  # run 3's Python process was found and SIGKILLed
+
+    code, out = seen.first
+    assert code == 1, out  # runs did not finish
+    assert re.search(r"killed .*-eval_batches=1", out), out
+    preempted, reference, dead = seen.after_first["4"], seen.after_first["3"], seen.after_first["1"]
+    assert preempted.info.status == "FINISHED" and "preempted" in preempted.data.tags
+    assert reference.info.status == "FINISHED"
     assert dead.info.status in ("KILLED", "FAILED"), dead.info.status
-    logged = [step for step, _ in s.curve(victim, "train_loss")]
+    logged = seen.victim_logged
     # MLflow holds at most what the newest checkpoint covers (every 10 steps; maybe nothing yet: the logger
     # connects in the background while training starts), never a step beyond it
-    assert logged == list(range(1, len(logged) + 1)) and len(logged) % 10 == 0 and len(logged) <= killed_at
-    s.orch.wait_until(lambda: all(sacct_attempts(j) and sacct_attempts(j)[-1] in FINAL for j in jobs.values()),
-                      60, "sacct to record the three jobs", every=1)
-    assert sacct_attempts(jobs["1"]) == ["REQUEUED", "COMPLETED"]  # preempted once, then finished
-    assert sacct_attempts(jobs["2"]) == ["COMPLETED"]
-    assert sacct_attempts(jobs["3"]) == ["FAILED"]  # not requeued: nothing was left to do it
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) % 10 == 0 and len(logged) <= seen.killed_at
+    assert seen.sacct["4"] == ["REQUEUED", "COMPLETED"]  # preempted once, then finished
+    assert seen.sacct["3"] == ["COMPLETED"]
+    assert seen.sacct["1"] == ["FAILED"]  # not requeued: nothing was left to do it
 
-    s.start()  # the same command again: two runs skipped, the killed one resumed from its checkpoint
-    code, out = s.finish()
+    code, out = seen.again
     assert code == 0, out
     assert out.count("skipped (finished)") >= 2 and "resume" in out, out
-    assert [r.info.run_id for r in s.runs() if r.info.run_id == victim.info.run_id]  # the same MLflow run
-    assert s.final(victim).info.status == "FINISHED"
-    assert len(s.runs()) == 3
-    assert reached >= SIGNAL_AT
-    for run in (preempted, victim):
-        assert_same_curve(s, run, reference)
-    assert [st for st, _ in s.curve(reference, "eval_loss")] == [40, 80, 120]
+    assert action_line(out, "-eval_batches=1", "resume"), out
+    victim = seen.runs["1"]
+    assert [r.info.run_id for r in seen.runs_after if r.info.run_id == victim.info.run_id]  # the same MLflow run
+    assert seen.final["1"].info.status == "FINISHED"
+    assert len(seen.runs_after) == 4
+    assert seen.reached >= SIGNAL_AT
+    for run in ("4", "1"):
+        assert_same_curve(seen, run, "3")
+    assert [st for st, _ in seen.curves["3"]["eval_loss"]] == [40, 80, 120]
 
 
-def test_scancel_is_reported_killed_stays_cancelled_and_a_rerun_resumes(slurm_node, sweep):
-    s = sweep("slurm_scancel", ["protocol.eval_batches=1"])
-    s.start()
-    (run,) = s.submitted(1).values()
-    job = run.data.tags["job_id"]
-    s.wait_for_step(run, SIGNAL_AT)
-    subprocess.run(["scancel", job], check=True, timeout=30)
-
-    code, out = s.finish()
+def test_scancel_is_reported_killed_stays_cancelled_and_a_rerun_resumes(array):
+    seen = array
+    job = seen.jobs["2"]
+    code, out = seen.first
     assert code == 1 and "killed" in out, out
-    # cancelled means cancelled: the job never comes back by itself (a requeue shows PENDING within a second)
-    deadline = time.monotonic() + 12
-    while time.monotonic() < deadline:
-        assert not in_queue(job), f"job {job} is back in the queue after scancel: {sacct_attempts(job)}"
-        time.sleep(1)
-    assert sacct_attempts(job) == ["CANCELLED"]
-    assert s.final(run).info.status in ("KILLED", "FAILED")
+    assert re.search(r"killed .*-eval_batches=2", out), out
+    # cancelled means cancelled: the job never came back by itself
+    assert seen.left_queue and seen.window >= 12
+    assert not seen.queue_after_scancel, f"job {job} is back in the queue after scancel: {seen.queue_after_scancel}"
+    assert seen.sacct["2"] == seen.sacct_cancelled_after == ["CANCELLED"]
+    assert seen.after_first["2"].info.status in ("KILLED", "FAILED")
 
-    s.start()
-    code, out = s.finish()
+    code, out = seen.again
     assert code == 0 and "resume" in out, out
-    assert s.final(run).info.status == "FINISHED"
-    for key in s.orch.CURVE_KEYS:
-        assert [step for step, _ in s.curve(run, key)] == STEPS, key
-
+    assert action_line(out, "-eval_batches=2", "resume"), out
+    assert seen.final["2"].info.status == "FINISHED"
+    for key in seen.s.orch.CURVE_KEYS:
+        assert [step for step, _ in seen.curves["2"][key]] == STEPS, key

@@ -93,6 +93,11 @@ def test_sweep_finishes_every_run_and_a_rerun_launches_nothing(tmp_path, cache):
     reader = ("import json, mlflow; mlflow.set_tracking_uri(%r); df = mlflow.search_runs(experiment_names=['e2e']);"
               "df = df[df['tags.run_key'].notna()];"
               "print(json.dumps(sorted(zip(df['tags.mlflow.runName'], df['status'], df['metrics.train_loss']))))")
+    # the status command starts now and runs beside the reader (both only read the store; each imports MLflow,
+    # seconds of CPU on two cores)
+    status_cmd = [sys.executable, "-m", "orchestrator.status", "--sweep", "e2e"]
+    status_proc = subprocess.Popen(status_cmd, cwd=tmp_path, env=env(cache), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
     out = subprocess.run([sys.executable, "-c", reader % uri(tmp_path)], capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     assert [(name, status) for name, status, _ in rows] == [(r.info.run_name, "FINISHED") for r in
@@ -100,8 +105,8 @@ def test_sweep_finishes_every_run_and_a_rerun_launches_nothing(tmp_path, cache):
     assert all(loss == history(tmp_path, r.info.run_id, "train_loss")[-1][1]
                for (_, _, loss), r in zip(rows, sorted(done, key=lambda r: r.info.run_name), strict=False))
 
-    status = subprocess.run([sys.executable, "-m", "orchestrator.status", "--sweep", "e2e"], cwd=tmp_path,
-                            env=env(cache), capture_output=True, text=True, timeout=120)
+    status = subprocess.CompletedProcess(status_cmd, 0, *status_proc.communicate(timeout=120))
+    status.returncode = status_proc.returncode
     assert status.returncode == 0, status.stderr
     assert status.stdout.count("FINISHED") >= 3 and status.stdout.count("6/6") == 3
     assert "e2e (sweep)" not in status.stdout and "3 FINISHED" in status.stdout
@@ -118,7 +123,7 @@ def test_detached_sweep_returns_at_once_and_finishes_in_the_background(tmp_path,
     deadline = time.time() + 240
     while {r.info.status for r in runs(tmp_path, "bg")} != {"FINISHED"}:
         assert time.time() < deadline, [r.info.status for r in runs(tmp_path, "bg")]
-        time.sleep(1)
+        time.sleep(0.2)
     _, children = parent_and_children(tmp_path, "bg")
     assert len(children) == 2
 
@@ -158,12 +163,19 @@ def _wait_for_step(metrics: Path, step: int, timeout: float = 180) -> int:
     raise TimeoutError(f"{metrics} never reached step {step}")
 
 
+def _start(tmp_path: Path, name: str) -> subprocess.Popen:
+    return subprocess.Popen(command([f"name={name}", *LONG]), cwd=tmp_path, env=env(tmp_path.parent / "cache"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def _interrupt(tmp_path: Path, name: str, sig: int) -> tuple[subprocess.Popen, int]:
-    """Start run `name`, send `sig` to its worker once it is past step 12; (parent process, step reached)."""
-    parent = subprocess.Popen(command([f"name={name}", *LONG]), cwd=tmp_path, env=env(tmp_path.parent / "cache"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Start run `name`, send `sig` to its worker once it is past step 12; (parent process, step reached). The
+    worker is looked up once its metrics file exists: scanning /proc every 50 ms while the jobs start up would
+    take CPU from them."""
+    parent = _start(tmp_path, name)
+    metrics = _metrics_file(tmp_path / "runs" / name)
     pid = _worker_pid(tmp_path / "runs" / name / ".submitit")
-    reached = _wait_for_step(_metrics_file(tmp_path / "runs" / name), 13)
+    reached = _wait_for_step(metrics, 13)
     os.kill(pid, sig)
     return parent, reached
 
@@ -185,7 +197,8 @@ def test_killed_and_preempted_jobs_resume_into_the_same_run_with_the_same_curve(
     (tmp_path / "cache").symlink_to(cache)
     straight = subprocess.Popen(command(["name=straight", *LONG]), cwd=work, env=env(cache),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    victim, reached = _interrupt(work, "killed", signal.SIGKILL)
+    victim, reached = _interrupt(work, "killed", signal.SIGKILL)  # first: its parent then waits ~15 s for a
+    # result file the killed job never writes (submitit), while the next two start
     preempted, _ = _interrupt(work, "preempted", signal.SIGUSR2)
     cancelled, _ = _interrupt(work, "cancelled", signal.SIGTERM)  # scancel: stop, do not come back
 
