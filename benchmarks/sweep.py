@@ -47,7 +47,7 @@ def job_overhead(cache: Path, repeats: int) -> list[float]:
     from models.budget import solve
     from models.config import ModelConfig
     from orchestrator.job import JobSpec, TrainJob
-    from orchestrator.tracking import open_experiment
+    from orchestrator.tracking.store import open_experiment
     from trainers.config import DataConfig, TrainConfig
     from trainers.data import prepare_data
 

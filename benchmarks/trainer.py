@@ -15,7 +15,7 @@ standard-library corpus, BPE 4096):
     tokens_per_s_fp32/_bf16  batch_tokens / that median
     run_s_fp32/_bf16      wall time of one train() call: set-up, all steps, evals, checkpoints (data
                           cached; without the interpreter start and `import torch`, about 3 s more)
-    tracking_overhead     time spent inside the job's tracking logger (orchestrator.tracking.MlflowLogger:
+    tracking_overhead     time spent inside the job's tracking logger (orchestrator.tracking.job_logger.MlflowLogger:
                           log, flush and the blocking close) / wall time of the bf16 train() call + close
 
 The logger is the one a job uses: it sends rows from a background thread after each checkpoint, so
@@ -124,7 +124,8 @@ def main(overrides: list[str]) -> None:
 def tracking_overhead(model: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> float:
     """Seconds inside the job's MLflow logger (log, flush, and the blocking close that sends the last rows
     and the status) / wall time of train() plus that close, on a SQLite store created beforehand."""
-    from orchestrator.tracking import MlflowLogger, open_experiment
+    from orchestrator.tracking.job_logger import MlflowLogger
+    from orchestrator.tracking.store import open_experiment
 
     with tempfile.TemporaryDirectory() as tracking:
         uri = f"sqlite:///{tracking}/mlflow.db"

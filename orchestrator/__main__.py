@@ -52,10 +52,6 @@ def _multirun_first(argv: list[str]) -> list[str]:
     return flags[:1] + [a for a in argv if a not in ("-m", "--multirun")]
 
 
-def _task_overrides() -> list[str]:
-    return list(HydraConfig.get().overrides.task)
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _single(cfg):
     """Without -m: the one composed config goes through the same launcher as a sweep."""
@@ -63,7 +59,7 @@ def _single(cfg):
         if cfg.get("seeds"):
             raise ConfigError(f"seeds={cfg.seeds} runs every point of a sweep over protocol.seed 0..{cfg.seeds - 1}: "
                               "add -m (a sweep), or give one run its seed with protocol.seed=K")
-        return launcher.launch([cfg], [_task_overrides()], multirun=False)[0]
+        return launcher.launch([cfg], [list(HydraConfig.get().overrides.task)], multirun=False)[0]
     except ConfigError as error:
         sys.stderr.write(bad_input_message(error))
         raise SystemExit(2) from error

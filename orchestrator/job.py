@@ -98,7 +98,7 @@ def run(spec: JobSpec) -> Outcome:
     train_cfg = replace(spec.train, threads=spec.threads) if spec.threads else spec.train
     try:
         result = train(spec.model, train_cfg, spec.data, spec.run_dir, logger=logger,
-                       should_stop=ref.should_stop() if ref else None)
+                       should_stop=ref.should_stop() if ref else None, build_data=False)
     except BaseException as error:
         if logger is not None:
             interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))

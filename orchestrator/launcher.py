@@ -4,7 +4,7 @@
       1. every job converted, validated and its budget solved (ConfigError -> nothing written)
       2. one job per run key (a baseline repeated across a TPB grid runs once)
       3. dry_run: print the table, stop
-      4. output dir and tracking store checked, then the store / experiment created (once, here)
+      4. output dir, store checked; data prepared (trainers/prepare.py; Slurm: a first job); store created
       5. a sweep (-m) finds or creates its parent run (analysis.collect.sweep_parent); per run key:
          FINISHED -> skipped; queued or running elsewhere -> left alone; FAILED / KILLED / dead -> resumed
          (same MLflow run, same run dir); new -> created SCHEDULED. Every run is the parent's child
@@ -43,10 +43,14 @@ from orchestrator.pool import (
     slurm_executor,
 )
 from orchestrator.progress import Progress
+from orchestrator.runkey import run_key
 from orchestrator.tracking import liveness, store
 from orchestrator.tracking.ui import ui_lines
+from trainers.prepare import bound_lines, prepare_sets, sweep_data
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+ACTIONS = {State.SKIPPED: "skipped (finished)", State.RUNNING: "running elsewhere"}
+"""The plan table's action of a run key left alone (others: start or resume)."""
 LAST_OUTCOMES: list[Outcome] = []
 """Outcomes of the last launch() in this process (the entry point's exit code reads them)."""
 
@@ -60,6 +64,9 @@ def plan_all(configs: list[Any], overrides: list[list[str]]) -> list[Job]:
             where = f" (job: {' '.join(job_overrides)})" if job_overrides and "(job:" not in str(error) else ""
             raise ConfigError(f"{error}{where}") from error
     _check_shared(jobs)
+    for job, data in zip(jobs, sweep_data([(j.run.protocol, j.run.data) for j in jobs]), strict=True):
+        job.run = dataclasses.replace(job.run, data=data)  # a hub source: the sweep's data.max_tokens
+        job.run_key = run_key(job.run)
     return jobs
 
 
@@ -205,6 +212,7 @@ def launch(configs: list[Any], overrides: list[list[str]], launch_dir: str | Pat
             print(local_slots(first, len(unique)).describe())
         print("\n".join(plan_lines([(j.run_name, j.run.architecture, j.run.protocol) for j in unique],
                                     first.cluster.device, first.cluster.world_size)))
+        print("\n".join(bound_lines([(j.run.protocol, j.run.data) for j in unique])))
         print(f"{len(jobs)} job(s), {len(unique)} unique run key(s); nothing launched, nothing written.")
         LAST_OUTCOMES[:] = [Outcome(State.DRY_RUN, run_key=unique[i].run_key) for i in mapping]
         return list(LAST_OUTCOMES)
@@ -214,10 +222,11 @@ def launch(configs: list[Any], overrides: list[list[str]], launch_dir: str | Pat
         slots, threads, gpus = 0, first.cluster.cpus_per_task, []
     else:
         slots, threads, gpus = local_capacity(first, len(unique))
+        prepare_sets([(j.run.data, j.run.protocol.context) for j in unique], error=ConfigError)  # before any job
     client, experiment_id = store.open_experiment(uri, first.name)
     items = [Submission(job) for job in unique]
     claim(items, client, experiment_id, first, out, uri, threads, multirun)
-    print_plan(unique, [_action_text(i) for i in items], title=f"{first.name}: {uri}")
+    print_plan(unique, [ACTIONS.get(i.state, "resume" if i.resume else "start") for i in items], title=f"{first.name}: {uri}")
     for item in items:
         if item.state == State.SKIPPED:
             print(f"{item.job.run_name}: skipped (finished)")
@@ -269,11 +278,6 @@ def run_jobs(items: list[Submission], client, first: RunConfig, folder: Path, ur
                       "rest")
                 raise SystemExit(130) from None
     progress.close(detached=first.detach)
-
-
-def _action_text(item: Submission) -> str:
-    texts = {State.SKIPPED: "skipped (finished)", State.RUNNING: "running elsewhere"}
-    return texts.get(item.state, "resume" if item.resume else "start")
 
 
 def _final_outcome(item: Submission) -> Outcome:

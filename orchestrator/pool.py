@@ -28,6 +28,7 @@ from orchestrator.plan import Job
 from orchestrator.progress import Progress
 from orchestrator.tracking import store
 from trainers import devices
+from trainers.prepare import submit_prepare
 
 
 @dataclass
@@ -182,6 +183,7 @@ class LocalPool:
             item.gpus, self.free_gpus = self.free_gpus[:self.gpus_per_job], self.free_gpus[self.gpus_per_job:]
             self.executor.update_parameters(gpus_per_node=self.gpus_per_job, visible_gpus=item.gpus)
         item.handle = self.executor.submit(TrainJob(item.spec))
+        item.handle._results_timeout_s = 1  # local disk: a killed job's missing result needs no 15 s of waiting
         item.state = State.SUBMITTED
         _tag_submitted(self.client, item, "local", item.handle.job_id)
         self.progress.started(item)
@@ -191,6 +193,7 @@ class LocalPool:
 def run_slurm(items: list[Submission], executor, client, progress, detach: bool, poll_s: float) -> None:
     todo = [i for i in items if i.spec is not None]
     try:
+        submit_prepare(executor, [(item.spec.data, item.spec.train.context) for item in todo])  # the array waits
         with executor.batch():
             handles = [executor.submit(TrainJob(item.spec)) for item in todo]
     except Exception as error:  # sbatch refused the array (bad partition, gres...): nothing is queued

@@ -4,8 +4,8 @@
 
 Left out, because they do not change what is trained: cluster, tracking, launcher settings,
 dry_run, detach, output_dir, the sweep name, the budget request (the solved shape stands for it),
-the protocol and data fields marked NON_RESULT in trainers/config.py (threads, compile, measure_decode,
-ckpt_every, keep_ckpts, cache_dir: speed, a measurement, checkpointing, cache folder; the ranking of
+the fields marked NON_RESULT in trainers/config.py (threads, compile, measure_decode, ckpt_every, keep_ckpts,
+cache_dir: speed, a measurement, checkpointing, cache folder; data.max_tokens when 0, no bound; the ranking of
 analysis/ranking.py reads the same list). Fields an architecture ignores are dropped too (every TPB
 field for llama / gpt2, comm_* when comm is off, classic-layer heads without classic layers), so a Llama
 baseline inside a TPB grid hashes the same for every lane_count and the launcher runs it once. Fields are excluded by name, so a field added
@@ -59,7 +59,7 @@ def key_fields(run: Any) -> dict[str, Any]:
         "version": KEY_VERSION,
         "architecture": _fields(run.architecture, ignored_architecture_fields(run.architecture)),
         "protocol": _fields(run.protocol, PROTOCOL_IGNORED),
-        "data": _fields(run.data, DATA_IGNORED),
+        "data": _fields(run.data, DATA_IGNORED | ({"max_tokens"} if run.data.max_tokens == 0 else set())),
     }
 
 

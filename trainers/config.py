@@ -31,6 +31,10 @@ class DataConfig:
     """Use at most this many documents (0 = all)."""
     max_bytes: int = 0
     """Use at most this many bytes of utf-8 text, whole documents in corpus order (0 = all)."""
+    max_tokens: int = 0
+    """Tokenize whole documents in corpus order until train + test hold at least this many tokens, then stop (a
+    hub source is streamed: never downloaded whole); 0 = no bound. For a hub source left at 0 the planner sets
+    it from the sweep (trainers/prepare.py: largest steps x batch_tokens + test_tokens + a margin)."""
     tokenizer: str = "bpe"
     """bpe (byte-level BPE trained on the corpus and cached) | a path or hub id for AutoTokenizer."""
     vocab_size: int = 4096
@@ -58,7 +62,7 @@ class DataConfig:
             raise ValueError(f"data.vocab_size={self.vocab_size}: must be >= 256 (byte-level BPE)")
         if self.test_tokens < 1:
             raise ValueError(f"data.test_tokens={self.test_tokens}: must be >= 1")
-        for name in ("max_docs", "max_bytes"):
+        for name in ("max_docs", "max_bytes", "max_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name}={getattr(self, name)}: must be >= 0 (0 = all)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:

@@ -5,7 +5,10 @@
     hub      data.hub_id (a datasets hub id, or a local data set folder), streamed when limited
 
 `corpus_description` says what identifies the text (hashed into the cache fingerprints of trainers/data.py)
-without reading it; `load_corpus` reads it, limits (data.max_docs, data.max_bytes) applied.
+without reading it; `load_corpus` reads it, limits (data.max_docs, data.max_bytes) applied. With data.max_tokens
+trainers/data.py stops tokenizing at that bound: a hub source is then streamed, lazily for a pretrained tokenizer
+(nothing past the bound is downloaded), and for a BPE (trained on the text first) at most
+max_tokens x BPE_BYTES_PER_TOKEN bytes of it are read and kept.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "
 FILE_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 """Extension -> `datasets` packaged loader. A .txt file is one document."""
 BATCH_DOCS = 512
+BPE_BYTES_PER_TOKEN = 8
+"""With data.max_tokens and a BPE tokenizer, the text read (and the BPE trained on) stops at max_tokens x this many
+bytes: a generous bound (a byte-level BPE of 512 ids averages ~2 bytes a token on code, of 4k-50k ids 3.5-5)."""
 
 
 def sha256_json(obj: object) -> str:
@@ -95,6 +101,8 @@ def data_files(cfg: DataConfig) -> list[Path]:
 def corpus_description(cfg: DataConfig) -> dict:
     """What identifies the text of the corpus (hashed into the fingerprints); cheap: stats, no reads."""
     desc: dict = {"source": cfg.source, "max_docs": cfg.max_docs, "max_bytes": cfg.max_bytes}
+    if cfg.max_tokens:  # left out at 0: the fingerprints of corpora made before the field existed stay the same
+        desc["max_tokens"] = cfg.max_tokens
     if cfg.source == "stdlib":
         files = stdlib_files()
         root = Path(sysconfig.get_paths()["stdlib"])
@@ -108,6 +116,12 @@ def corpus_description(cfg: DataConfig) -> dict:
         desc |= {"hub_id": cfg.hub_id, "hub_config": cfg.hub_config, "split": cfg.split,
                  "text_field": cfg.text_field}
     return desc
+
+
+def read_bytes(cfg: DataConfig) -> int:
+    """The byte limit of the text read: data.max_bytes, and max_tokens x BPE_BYTES_PER_TOKEN for a BPE (0 = none)."""
+    caps = [cfg.max_bytes, cfg.max_tokens * BPE_BYTES_PER_TOKEN if cfg.tokenizer == "bpe" else 0]
+    return min((c for c in caps if c), default=0)
 
 
 def _read_stdlib(max_bytes: int, progress: bool) -> list[str]:
@@ -159,11 +173,12 @@ def _stream_rows(hub_id: str, hub_config: str, split: str, text_field: str, max_
 
 
 def _load_hub(cfg: DataConfig, hf_cache: Path):
-    """A hub data set (or a local data set folder). With data.max_docs or data.max_bytes it is streamed
-    and only the documents used are written (to hf_cache); otherwise the whole split is downloaded."""
-    from datasets import Dataset, load_dataset
+    """A hub data set (or a local data set folder). With data.max_docs, data.max_bytes or data.max_tokens it is
+    streamed and only the documents used are written (to hf_cache), or none with data.max_tokens and a pretrained
+    tokenizer: an IterableDataset, tokenized as it streams. Otherwise the whole split is downloaded."""
+    from datasets import Dataset, IterableDataset, load_dataset
 
-    streaming = bool(cfg.max_docs or cfg.max_bytes)
+    streaming = bool(cfg.max_docs or cfg.max_bytes or cfg.max_tokens)
     try:
         ds = load_dataset(cfg.hub_id, cfg.hub_config or None, split=cfg.split, streaming=streaming)
     except (OSError, ValueError) as err:
@@ -176,32 +191,40 @@ def _load_hub(cfg: DataConfig, hf_cache: Path):
         raise ValueError(f"data.text_field={cfg.text_field!r}: not a column of {cfg.hub_id}; "
                          f"columns: {', '.join(first)}")
     kwargs = {"hub_id": cfg.hub_id, "hub_config": cfg.hub_config, "split": cfg.split,
-              "text_field": cfg.text_field, "max_docs": cfg.max_docs, "max_bytes": cfg.max_bytes}
+              "text_field": cfg.text_field, "max_docs": cfg.max_docs, "max_bytes": read_bytes(cfg)}
+    if cfg.max_tokens and cfg.tokenizer != "bpe":
+        return IterableDataset.from_generator(_stream_rows, gen_kwargs=kwargs)
     return Dataset.from_generator(_stream_rows, gen_kwargs=kwargs, cache_dir=str(hf_cache))
 
 
 def _limit(ds, cfg: DataConfig):
-    """Keep the first data.max_docs documents, then whole documents up to data.max_bytes."""
+    """Keep the first data.max_docs documents, then whole documents up to read_bytes(cfg) (data.max_bytes)."""
+    from datasets import Dataset
+
+    if not isinstance(ds, Dataset):  # streamed: the limits were applied as it streams
+        return ds
     if cfg.max_docs and len(ds) > cfg.max_docs:
         ds = ds.select(range(cfg.max_docs))
-    if cfg.max_bytes:
+    limit = read_bytes(cfg)
+    if limit:
         total, keep = 0, 0
         for batch in ds.iter(batch_size=BATCH_DOCS):
             for text in batch["text"]:
                 total += len((text or "").encode())
-                if total > cfg.max_bytes:
+                if total > limit:
                     return ds.select(range(keep))
                 keep += 1
     return ds
 
 
 def load_corpus(cfg: DataConfig, hf_cache: Path, progress: bool = True):
-    """The corpus as a `datasets.Dataset` with one column, "text", limits applied."""
+    """The corpus as a `datasets.Dataset` with one column, "text", limits applied (an `IterableDataset` for a hub
+    source streamed with data.max_tokens and a pretrained tokenizer)."""
     from datasets import Dataset
 
     with _datasets_progress(progress):
         if cfg.source == "stdlib":
-            ds = Dataset.from_dict({"text": _read_stdlib(cfg.max_bytes, progress)})
+            ds = Dataset.from_dict({"text": _read_stdlib(read_bytes(cfg), progress)})
         elif cfg.source == "files":
             ds = _load_files(cfg, hf_cache)
         else:

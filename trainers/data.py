@@ -14,7 +14,10 @@ documents, not the corpus tail, and the same for every run with the same data.se
 mixes the whole corpus.)
 
 The build streams: documents are tokenized batch by batch to a raw file while their lengths are
-recorded, then each split is gathered from that file in permuted order (index arrays, in chunks).
+recorded, then each split is gathered from that file in permuted order (index arrays, in chunks). The batches
+go through the tokenizer's batch API (`tokenizers`, multi-threaded in Rust: every core). With data.max_tokens
+the tokenizing stops after the document that brings the total to max_tokens (a hub source is streamed:
+trainers/corpus.py); the split is then drawn from those documents.
 
 Cache, under DataConfig.cache_dir, else $TPB_CACHE, else ~/.cache/tpb-sweeps:
 
@@ -22,8 +25,9 @@ Cache, under DataConfig.cache_dir, else $TPB_CACHE, else ~/.cache/tpb-sweeps:
     data/<name>-<fp>/{train.npy, test.npy, tokenizer.json?, meta.json}
 
 A folder is built in a temporary folder next to its target and renamed into place (atomic), under
-an fcntl lock so that concurrent jobs of one sweep build once while the others wait. A folder that
-exists is complete.
+an fcntl lock so that concurrent builders build once while the others wait. A folder that exists is
+complete. A sweep's parent prepares its data before any job starts (trainers/prepare.py); a job only reads
+(prepare_data(..., build=False)) and fails, naming the folder, when it finds none.
 """
 
 from __future__ import annotations
@@ -190,16 +194,25 @@ def check_sizes(n_train: int, n_test: int, context: int) -> None:
                          f"{need}; use a larger corpus, a smaller data.test_tokens or a smaller protocol.context")
 
 
-def _tokenize_to(path: Path, ds, tok: TextTokenizer, dtype: np.dtype, progress: bool) -> np.ndarray:
+def _tokenize_to(path: Path, ds, tok: TextTokenizer, dtype: np.dtype, progress: bool,
+                 max_tokens: int = 0) -> np.ndarray:
     """Write the packed corpus (corpus order) as raw ids to `path`; return each document's length in
-    tokens, its end-of-text id included."""
-    lengths = []
-    with open(path, "wb") as out, tqdm(total=len(ds), desc="tokenize", unit="doc", disable=not progress) as bar:
+    tokens, its end-of-text id included. max_tokens > 0: stop after the document that reaches max_tokens."""
+    lengths, total = [], 0
+    bar_size = {"total": max_tokens, "unit": "tok"} if max_tokens else {"total": len(ds), "unit": "doc"}
+    with open(path, "wb") as out, tqdm(desc="tokenize", disable=not progress, **bar_size) as bar:
         for texts in batches(ds):
             ids = tok.encode_batch(texts)
+            sizes = np.array([len(d) + 1 for d in ids], dtype=np.int64)
+            if max_tokens:  # the documents up to and including the one that reaches the bound
+                keep = int(np.searchsorted(np.cumsum(sizes), max_tokens - total)) + 1
+                ids, sizes = ids[:keep], sizes[:keep]
             out.write(_pack(ids, tok.eos_id, dtype).tobytes())
-            lengths.append(np.array([len(d) + 1 for d in ids], dtype=np.int64))
-            bar.update(min(BATCH_DOCS, bar.total - bar.n))
+            lengths.append(sizes)
+            total += int(sizes.sum())
+            bar.update(min(int(sizes.sum()) if max_tokens else BATCH_DOCS, bar.total - bar.n))
+            if max_tokens and total >= max_tokens:
+                break
     return np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
 
 
@@ -253,7 +266,7 @@ def _build(cfg: DataConfig, context: int, desc: dict, tmp: Path, progress: bool)
     tok, tok_file = _get_tokenizer(cfg, desc["corpus_fp"], ds, progress)
     dtype = np.dtype(np.uint16 if tok.vocab_size < 2**16 else np.uint32)
     raw_path = tmp / "tokens.bin"
-    lengths = _tokenize_to(raw_path, ds, tok, dtype, progress)
+    lengths = _tokenize_to(raw_path, ds, tok, dtype, progress, cfg.max_tokens)
     del ds
     shutil.rmtree(tmp / "hf", ignore_errors=True)
     total = int(lengths.sum())
@@ -273,7 +286,8 @@ def _build(cfg: DataConfig, context: int, desc: dict, tmp: Path, progress: bool)
     if tok_file is not None:
         shutil.copyfile(tok_file, tmp / "tokenizer.json")
     meta = {"fingerprint": desc["fingerprint"], "description": desc, "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id, "dtype": dtype.name, "seed": cfg.seed, "train_tokens": n_train,
+            "eos_id": tok.eos_id, "dtype": dtype.name, "seed": cfg.seed, "max_tokens": cfg.max_tokens,
+            "train_tokens": n_train,
             "test_tokens": n_test, "documents": len(lengths), "train_documents": len(train_docs),
             "test_documents": len(test_docs),
             "unigram_entropy": unigram_entropy(np.load(tmp / "train.npy", mmap_mode="r"),
@@ -298,10 +312,17 @@ def cache_target(cfg: DataConfig, context: int) -> tuple[Path, dict]:
     return cache_root(cfg) / "data" / f"{name}-{desc['fingerprint'][:16]}", desc
 
 
-def prepare_data(cfg: DataConfig, context: int, progress: bool = True) -> Prepared:
-    """Train and test token arrays of the corpus, built once per fingerprint and memory-mapped."""
+def prepare_data(cfg: DataConfig, context: int, progress: bool = True, build: bool = True) -> Prepared:
+    """Train and test token arrays of the corpus, built once per fingerprint and memory-mapped. build=False (a
+    sweep's job): only read; FileNotFoundError naming the cache folder when it was not prepared."""
     check_test_split(cfg.test_tokens, context)  # fails fast, before any work
     target, desc = cache_target(cfg, context)
+    if not build and not target.is_dir():
+        raise FileNotFoundError(
+            f"data.name={cfg.name!r} (protocol.context={context}): no prepared data in {str(target)!r}. A sweep's "
+            "parent prepares it before any job starts (on Slurm: a first job the array depends on) and the jobs "
+            "only read it: launch through `python -m orchestrator`, or build it first with "
+            "trainers.data.prepare_data(cfg, context); cache: data.cache_dir / $TPB_CACHE must be the parent's")
     build_once(target, lambda tmp: _build(cfg, context, desc, tmp, progress))
     meta = json.loads((target / "meta.json").read_text())
     train = np.load(target / "train.npy", mmap_mode="r")

@@ -148,7 +148,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _setup(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_dir: Path, env: DistEnv,
-           logger: MetricLogger | None) -> _Run:
+           logger: MetricLogger | None, build_data: bool = True) -> _Run:
     """Everything before the first step; every input check happens here, before any training."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -156,10 +156,10 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_d
     if cfg.context > model_cfg.max_seq_len:
         raise ValueError(f"protocol.context={cfg.context} exceeds architecture.max_seq_len={model_cfg.max_seq_len}")
     if env.is_main:
-        data = prepare_data(data_cfg, cfg.context, progress=True)
+        data = prepare_data(data_cfg, cfg.context, progress=True, build=build_data)
     barrier(env)  # rank 0 builds the cache, the others then read it
     if not env.is_main:
-        data = prepare_data(data_cfg, cfg.context, progress=False)
+        data = prepare_data(data_cfg, cfg.context, progress=False, build=build_data)
     if data.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"architecture.vocab_size={model_cfg.vocab_size} is smaller than the data's tokenizer vocabulary "
@@ -354,14 +354,15 @@ def _run_steps(run: _Run, signals: _StopSignals, should_stop) -> tuple[str, int 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig, run_dir: str | Path,
           logger: MetricLogger | None = None,
-          should_stop: Callable[[int, dict[str, float]], bool] | None = None) -> TrainResult:
-    """Train (or resume) one run in run_dir; see the module docstring for statuses and errors."""
+          should_stop: Callable[[int, dict[str, float]], bool] | None = None, build_data: bool = True) -> TrainResult:
+    """Train (or resume) one run in run_dir; see the module docstring for statuses and errors. build_data=False
+    (a sweep's job): only read the data its parent prepared (trainers/prepare.py), FileNotFoundError if none."""
     run_dir = Path(run_dir)
     owns_group = not torch.distributed.is_initialized()
     env = init_distributed()
     run = None
     try:
-        run = _setup(model_cfg, train_cfg, data_cfg, run_dir, env, logger)
+        run = _setup(model_cfg, train_cfg, data_cfg, run_dir, env, logger, build_data)
         with _StopSignals() as signals:
             status, stopped_by = _run_steps(run, signals, should_stop)
         s = run.state

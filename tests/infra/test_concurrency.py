@@ -1,11 +1,11 @@
 """Many processes on one tracking store, nothing lost:
 
 - 16 processes each log 7 metrics at every one of 20 steps through the project's job-side sink (the trainer's
-  JsonlLogger + orchestrator.tracking.MlflowLogger, a real checkpoint and a flush() after every step, then
+  JsonlLogger + orchestrator.tracking.job_logger.MlflowLogger, a real checkpoint and a flush() after every step, then
   close()) into one store, SQLite and PostgreSQL: every one of the 16 x 20 x 7 = 2240 rows is there, once, with its
   value, and no store error (e.g. "database is locked") reached a logger;
 - 16 processes open the same fresh store at once with the project's store-creation path
-  (orchestrator.tracking.open_experiment: schema migrations, experiment): all succeed, one experiment;
+  (orchestrator.tracking.store.open_experiment: schema migrations, experiment): all succeed, one experiment;
 - 16 processes open the same fresh Optuna storage on PostgreSQL at once (orchestrator.study.open_storage +
   create_study(load_if_exists=True));
 - 8 Optuna workers x 5 trials on PostgreSQL: exactly 40 finished trials, each with its intermediate values.
@@ -49,7 +49,8 @@ FORK = textwrap.dedent('''
         import torch
         from mlflow import MlflowClient  # noqa: F401
 
-        from orchestrator.tracking import MlflowLogger, open_experiment
+        from orchestrator.tracking.job_logger import MlflowLogger
+        from orchestrator.tracking.store import open_experiment
         from trainers.checkpoint import ResumeState, save
         from trainers.metrics_log import JsonlLogger, MultiLogger
 
@@ -141,7 +142,7 @@ def run_root(tmp_path):
 def make_runs(uri: str, tmp_path: Path) -> list[tuple[str, str]]:
     """The parent's side: store, experiment and PROCS runs created SCHEDULED, as orchestrator.launcher does;
     their run folders under tmp_path / runs."""
-    from orchestrator.tracking import open_experiment
+    from orchestrator.tracking.store import open_experiment
 
     client, experiment_id = open_experiment(uri, "concurrent")
     runs = []

@@ -47,9 +47,15 @@ GROUPS = {"architecture", "protocol", "data", "cluster", "tracking"}
 
 
 def sweep_jobs(hydra_env, sweep: str, protocol: str, extra: list[str] | None = None):
-    """plan_job for every job of the sweep (`extra`: more command-line overrides, e.g. data=codeparrot).
-    Hydra composes once per set of group choices (0.2 s a compose); the key overrides are then parsed by
-    Hydra's override parser and set on a copy (typed, struct mode)."""
+    """plan_job for every job of the sweep (`extra`: more command-line overrides, e.g. data=codeparrot)."""
+    return [plan_job(to_run_config(cfg), overrides) for cfg, overrides in sweep_configs(hydra_env, sweep, protocol,
+                                                                                          extra)]
+
+
+def sweep_configs(hydra_env, sweep: str, protocol: str, extra: list[str] | None = None):
+    """(composed config, overrides) of every job of the sweep. Hydra composes once per set of group choices
+    (0.2 s a compose); the key overrides are then parsed by Hydra's override parser and set on a copy (typed,
+    struct mode)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
@@ -60,7 +66,7 @@ def sweep_jobs(hydra_env, sweep: str, protocol: str, extra: list[str] | None = N
     sweeper = compose("config", overrides=base, return_hydra_config=True).hydra.sweeper
     parser = OverridesParser.create()
     composed: dict[tuple, object] = {}
-    jobs = []
+    configs = []
     for overrides in expand(loader, sweeper.get("params"), sweeper.get("grids"), []):
         parsed = parser.parse_overrides(overrides)
         groups = tuple(o.input_line for o in parsed if o.key_or_group in GROUPS)
@@ -70,8 +76,8 @@ def sweep_jobs(hydra_env, sweep: str, protocol: str, extra: list[str] | None = N
         for o in parsed:
             if o.key_or_group not in GROUPS:
                 OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
-        jobs.append(plan_job(to_run_config(cfg), overrides))
-    return jobs
+        configs.append((cfg, overrides))
+    return configs
 
 
 @pytest.mark.parametrize("protocol", ["small", "paper"])
@@ -119,6 +125,28 @@ def test_dataset_size_scales_steps_and_variance_seeds(hydra_env):
             got = sorted(j.run.protocol.seed for j in variance
                          if j.run.architecture.arch == arch and j.run.protocol.schedule == schedule)
             assert got == list(range(seeds))
+
+
+def test_a_hub_sweep_reads_one_bounded_cache_and_the_dry_run_prints_its_bound(hydra_env, capsys):
+    """dataset_size on FineWeb-Edu: every run (2..10 x the protocol's tokens) gets one data.max_tokens, the largest
+    run's steps x batch_tokens + data.test_tokens + 5% (trainers/prepare.py), in its run key; nothing is read."""
+    from orchestrator.launcher import launch, plan_all
+
+    configs = sweep_configs(hydra_env, "dataset_size", "paper", ["data=fineweb_edu"])
+    jobs = plan_all([cfg for cfg, _ in configs], [overrides for _, overrides in configs])
+    bound = 10_000 * 1_048_576 + 400_000 + 524_308_000  # 10,486,160,000 + 5%; the dry run of a 2x job alone: 2,202,429,600
+    assert {job.run.data.max_tokens for job in jobs} == {bound} == {11_010_468_000}
+    assert len({job.run_key for job in jobs}) == 14
+    unbounded = sweep_jobs(hydra_env, "dataset_size", "paper", ["data=fineweb_edu"])
+    assert {j.run.data.max_tokens for j in unbounded} == {0} and not {j.run_key for j in unbounded} & {
+        j.run_key for j in jobs}  # the bound is part of the key
+    stdlib = sweep_configs(hydra_env, "dataset_size", "small")
+    assert {j.run.data.max_tokens for j in plan_all([c for c, _ in stdlib], [o for _, o in stdlib])} == {0}
+    cfg, overrides = configs[0]
+    cfg.dry_run = True
+    launch([cfg], [overrides])
+    assert ("data fineweb_edu: data.max_tokens=2,202,429,600 (the sweep's largest steps x batch_tokens 2,097,152,000 "
+            "+ data.test_tokens 400,000, + 5%)") in capsys.readouterr().out
 
 
 def test_unsolvable_budget_names_the_setting(hydra_env):
