@@ -64,8 +64,8 @@ def capture_rng() -> dict:
                   "has_gauss": int(has_gauss), "cached": float(cached)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's device only: a resume may see fewer GPUs (8 under torchrun, 1 per task)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -77,7 +77,8 @@ def restore_rng(state: dict) -> None:
                          np_state["has_gauss"], np_state["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]  # checkpoints before 2026-12 hold every visible device's state: take this device's
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, list) else cuda)
 
 
 @dataclass
