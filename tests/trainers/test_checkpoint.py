@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import math
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +136,194 @@ def test_no_checkpoint_is_none_and_all_corrupt_is_an_error(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no usable checkpoint"):
         ckpt.load_latest(tmp_path)
+
+
+def _tiny():
+    model = torch.nn.Linear(2, 2)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_files_are_world_readable_with_a_digest_of_their_bytes_in_a_new_nested_run_dir(tmp_path):
+    model, optimizer = _tiny()
+    run_dir = tmp_path / "sweep" / "run"  # neither folder exists yet
+    path = ckpt.save(run_dir, 3, model, optimizer, [ckpt.ResumeState(step=3)])
+    marker = path.with_suffix(".sha256")
+    assert marker.read_text() == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert [p.stat().st_mode & 0o777 for p in (path, marker)] == [0o644, 0o644]
+    raw = torch.load(path, weights_only=True)
+    assert sorted(raw) == ["format", "model", "optimizer", "resume", "step", "world_size"]
+    assert (raw["format"], raw["step"], raw["world_size"]) == (1, 3, 1)
+    assert raw["resume"] == [{"step": 3, "tokens": 0, "loader": {}, "rng": {}, "train_loss": pytest.approx(math.nan,
+                                                                                                      nan_ok=True),
+                              "eval_loss": None}]
+
+
+def test_default_keep_is_two_and_the_checkpoint_knows_its_path_and_world_size(tmp_path):
+    model, optimizer = _tiny()
+    for step in (1, 2, 3):
+        ckpt.save(tmp_path, step, model, optimizer, [ckpt.ResumeState(step=step), ckpt.ResumeState(step=step)])
+    assert sorted(p.name for p in ckpt.checkpoint_dir(tmp_path).glob("*.pt")) == ["step_00000002.pt",
+                                                                                    "step_00000003.pt"]
+    found = ckpt.load_latest(tmp_path)
+    assert (found.step, found.world_size, found.path) == (3, 2, tmp_path / "checkpoints" / "step_00000003.pt")
+    assert [r.step for r in found.resume] == [3, 3]
+
+
+def test_the_temporary_file_lives_next_to_its_target(tmp_path):
+    seen = []
+    ckpt._atomic_write(tmp_path / "x.bin", lambda f: seen.extend(p.name for p in tmp_path.iterdir()))
+    assert len(seen) == 1 and seen[0].startswith(".tmp-x.bin-")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+@pytest.mark.parametrize(("code", "hint"), [(errno.ENOSPC, " (disk full)"), (errno.EIO, "")])
+def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path, code, hint):
+    def fail(f):
+        raise OSError(code, os.strerror(code))
+
+    target = tmp_path / "x.bin"
+    with pytest.raises(OSError) as raised:
+        ckpt._atomic_write(target, fail)
+    assert raised.value.errno == code
+    assert raised.value.strerror == f"cannot write checkpoint {target}: {os.strerror(code)}{hint}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temporary_removed_under_the_writer_still_reports_the_first_error(tmp_path):
+    def removed(f):  # another process pruned the .tmp-* leftovers of this folder meanwhile
+        for p in tmp_path.glob(".tmp-*"):
+            p.unlink()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt._atomic_write(tmp_path / "x.bin", removed)
+
+    def removed_then_oserror(f):
+        for p in tmp_path.glob(".tmp-*"):
+            p.unlink()
+        raise OSError(errno.EIO, "I/O error")
+
+    with pytest.raises(OSError, match="cannot write checkpoint .*x.bin: I/O error$"):
+        ckpt._atomic_write(tmp_path / "x.bin", removed_then_oserror)
+
+
+def test_an_unwritable_folder_is_named(tmp_path):
+    target = tmp_path / "missing" / "x.bin"
+    with pytest.raises(OSError) as raised:
+        ckpt._atomic_write(target, lambda f: None)
+    assert raised.value.errno == errno.ENOENT
+    assert raised.value.strerror == f"cannot write checkpoint {target}: No such file or directory"
+
+
+def test_prune_tolerates_files_another_process_removed(tmp_path, monkeypatch):
+    model, optimizer = _tiny()
+    for step in (1, 2):
+        ckpt.save(tmp_path, step, model, optimizer, [ckpt.ResumeState(step=step)])
+    gone = tmp_path / "checkpoints" / "step_00000000.pt"  # listed, then deleted by someone else
+    listed = ckpt.RunDir(tmp_path).complete_checkpoints()
+    monkeypatch.setattr(ckpt.RunDir, "complete_checkpoints", lambda self: [(0, gone), *listed])
+    real_glob = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: [self / ".tmp-gone", *real_glob(self, pattern)])
+    ckpt._prune(ckpt.RunDir(tmp_path), keep=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step_00000002.pt", "step_00000002.sha256"]
+
+
+def test_loads_on_the_cpu_and_weights_only(tmp_path, monkeypatch):
+    model, optimizer = _tiny()
+    ckpt.save(tmp_path, 1, model, optimizer, [ckpt.ResumeState(step=1)])
+    calls, real_load = [], torch.load
+
+    def spy(path, **kwargs):
+        calls.append(kwargs)
+        return real_load(path, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "load", spy)
+    assert ckpt.load_latest(tmp_path).step == 1
+    assert calls == [{"map_location": "cpu", "weights_only": True}]
+
+
+class Payload:
+    """Not a tensor, container or number: weights_only loading refuses it."""
+
+
+def _forge(tmp_path, step: int, payload: dict) -> Path:
+    path = ckpt.RunDir(tmp_path).checkpoint(step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    path.with_suffix(".sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest())
+    return path
+
+
+def test_a_checkpoint_holding_code_or_another_step_is_unusable(tmp_path):
+    model, optimizer = _tiny()
+    ckpt.save(tmp_path, 1, model, optimizer, [ckpt.ResumeState(step=1)])
+    good = {"format": 1, "step": 5, "world_size": 1, "model": {}, "optimizer": {}, "resume": []}
+    forged = _forge(tmp_path, 5, {**good, "extra": Payload()})
+    with pytest.warns(UserWarning, match=r"(?s)step_00000005.pt is unusable.*Unsupported global"):
+        assert ckpt.load_latest(tmp_path).step == 1
+    forged.unlink()
+    forged = _forge(tmp_path, 6, {**good, "step": 5})  # renamed: the step inside is not the step of its name
+    with pytest.warns(UserWarning) as caught:
+        assert ckpt.load_latest(tmp_path).step == 1
+    assert [str(w.message) for w in caught] == [
+        f"checkpoint {forged} is unusable (format 1 / step 5: expected 1 / 6); trying the previous one"]
+    forged.unlink()
+    _forge(tmp_path, 7, {**good, "step": 7, "format": 2})  # a future format, right step
+    with pytest.warns(UserWarning, match=r"\(format 2 / step 7: expected 1 / 7\)"):
+        assert ckpt.load_latest(tmp_path).step == 1
+
+
+def test_a_digest_mismatch_is_reported_with_both_digests_at_the_caller(tmp_path):
+    model, optimizer = _tiny()
+    for step in (1, 2):
+        ckpt.save(tmp_path, step, model, optimizer, [ckpt.ResumeState(step=step)])
+    newest = tmp_path / "checkpoints" / "step_00000002.pt"
+    newest.write_bytes(newest.read_bytes() + b"\0")
+    actual = hashlib.sha256(newest.read_bytes()).hexdigest()
+    recorded = newest.with_suffix(".sha256").read_text()
+    with pytest.warns(UserWarning) as caught:
+        assert ckpt.load_latest(tmp_path).step == 1
+    assert str(caught[0].message) == (f"checkpoint {newest} is unusable (sha256 mismatch (file {actual[:12]}, "
+                                      f"recorded {recorded[:12]})); trying the previous one")
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampoline adds a frame between the test and load_latest
+        assert caught[0].filename == __file__  # stacklevel 2: the warning points at load_latest's caller
+
+
+def test_no_usable_checkpoint_lists_every_failure_newest_first(tmp_path):
+    model, optimizer = _tiny()
+    folder = tmp_path / "checkpoints"
+    for step in (1, 2):
+        ckpt.save(tmp_path, step, model, optimizer, [ckpt.ResumeState(step=step)])
+        (folder / f"step_{step:08d}.sha256").write_text("0" * 64)
+    digests = [hashlib.sha256((folder / f"step_{s:08d}.pt").read_bytes()).hexdigest()[:12] for s in (2, 1)]
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError) as raised:
+        ckpt.load_latest(tmp_path)
+    assert str(raised.value) == (f"no usable checkpoint in {folder}: "
+                                 f"step_00000002.pt: sha256 mismatch (file {digests[0]}, recorded 000000000000); "
+                                 f"step_00000001.pt: sha256 mismatch (file {digests[1]}, recorded 000000000000)")
+
+
+def test_cuda_generators_are_restored_only_when_saved_and_available(monkeypatch):
+    state, restored = ckpt.capture_rng(), []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ckpt.restore_rng({**state, "cuda": "gpu1"})  # saved on a GPU machine, resumed on a CPU one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ckpt.restore_rng(state)  # saved without CUDA, resumed with it
+    assert restored == []
+    ckpt.restore_rng({**state, "cuda": "gpu1"})  # this device's state, as saved now
+    ckpt.restore_rng({**state, "cuda": ["gpu0", "gpu1"]})  # an older checkpoint: every device's, this one's taken
+    assert restored == ["gpu1", "gpu1"]
+
+
+def test_rng_capture_stores_int64_tensors_and_the_cuda_states_when_available(monkeypatch):
+    state = ckpt.capture_rng()
+    assert "cuda" not in state  # no CUDA here
+    assert state["python"]["state"].dtype == torch.int64 and state["numpy"]["keys"].dtype == torch.int64
+    assert state["python"]["state"].tolist() == list(random.getstate()[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: "this device's")
+    assert ckpt.capture_rng()["cuda"] == "this device's"
