@@ -148,6 +148,7 @@ class MlflowLogger:
             self._warned = False
             return True
         except Exception as error:  # store down or locked: the committed rows wait for the next send
+            self._sent = None  # a batch may have landed before the error: re-read what MLflow holds, send no row twice
             self._warn(f"metrics not sent yet ({error!r}); they will be sent at the next flush")
             return False
 

@@ -136,6 +136,39 @@ def test_logger_sends_only_the_rows_handed_through_the_final_step(store, tmp_pat
     assert steps_of(client, run_id) == [1, 2, 3, 4]
 
 
+def test_a_batch_that_lands_but_reports_an_error_is_not_sent_again(store, tmp_path):
+    """The store commits a batch, then the connection drops before the answer (a database going down mid-call):
+    the logger re-reads what MLflow holds before its next send, so no step is in the history twice."""
+    uri, client, experiment = store
+    run_id = client.create_run(experiment).info.run_id
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    logger = MlflowLogger(uri, run_id, run_dir, heartbeat_s=30)
+    write_rows(run_dir, range(1, 3))
+    hand(logger, range(1, 3))
+    checkpoint(run_dir, 2)
+    assert logger._connect() and logger._send()  # rows 1, 2 sent
+    real, calls = logger._client.log_batch, []
+
+    def lands_then_fails(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise ConnectionError("server closed the connection unexpectedly")
+
+    logger._client.log_batch = lands_then_fails
+    write_rows(run_dir, range(3, 5), keep_through=2)
+    hand(logger, range(3, 5))
+    checkpoint(run_dir, 4)
+    logger._commit()
+    with pytest.warns(UserWarning, match="metrics not sent yet"):
+        assert not logger._send()  # rows 3, 4 landed, the answer was an error
+    assert logger._send()  # the next send finds them there and sends nothing twice
+    assert logger.close("FINISHED")
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 3, 4]
+    assert len(client.get_metric_history(run_id, "lr")) == 4
+
+
 def test_logger_never_blocks_training_on_an_unreachable_store(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
