@@ -6,13 +6,9 @@ equations give (hand computations in the comments) and the gap is explained by t
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from analysis import decode
-from analysis.__main__ import main
 from analysis.devices import DEVICES, Device, get_device
 from models.config import ModelConfig
 from models.counts import param_count
@@ -203,141 +199,194 @@ def test_figure_7(tmp_path):
     assert h100_time.get_ydata()[0] == approx(71.154, rel=1e-4)
 
 
-# --- command line ---
+# Every row of the worked-examples table: section, quantity, our figure (hand computations on the right), the
+# report's figure, unit and note, as `python -m analysis decode --examples` prints them. The figures are
+# the formulas on the right evaluated in full double precision from the report's stated inputs.
+EXAMPLES = [
+    ("3.4 7B", "KV cache, 4 x 1000 tokens, FP8", 1.048576, 1.05, "GB", ""),  # 2 x 32 x 4096 x 4 x 1000 B
+    ("3.4 7B", "decode step, 7 GB + KV on 1 H100", 2.0637374358974356, 2.07, "ms",  # 8.048576 GB / 3.9 TB/s
+     "2.064 ms rounds to 2.06; the report's own 485 steps/s and 1940 tokens/s follow from 2.064 ms"),
+    ("3.4 7B", "decode steps per second", 484.55776524940563, 485, "1/s", ""),  # 1 / 2.063737 ms
+    ("3.4 7B", "throughput (batch 4)", 1938.2310609976225, 1940, "tokens/s",
+     "NVIDIA measured 1200 tokens/s: peak bandwidth is not reached in practice"),
+    ("3.4 7B", "same with the exact 6,738,415,616 params", 2003.3410550932845, None, "tokens/s",
+     "step 1.997 ms (the report rounds the weights to 7 GB)"),  # 4 / ((6,738,415,616 + 1,048,576,000) / 3.9e12)
+    ("3.4 70B", "KV cache (average over 512 tokens from 0)", 0.04194304, 1.34, "GB",  # 2 x 80 x 8 x 128 x 256 B
+     "1.34 GB does not follow from 8 KV heads, 512 tokens, batch 1 (Llama-2-70B: 8 x 128 per layer); "
+     "it equals 2 x 80 x 4096 x 2 B x 1024 tokens. The rows below use the report's 1.34 GB"),
+    ("3.4 70B", "synchronisations (2 x 80 layers)", 160, 160, "", ""),
+    ("3.4 70B", "synchronisation time", 800.0, 800, "us", ""),  # 160 x 5 us
+    ("3.4 70B", "bytes read per GPU, 4 x A100", 17.835, 17.8, "GB", ""),  # 71.34 GB / 4
+    ("3.4 70B", "read time, 4 x A100", 8.9175, 8.9, "ms", ""),  # 17.835 GB / 2 TB/s
+    ("3.4 70B", "sync share of the step, 4 x A100", 8.232570105479804, 9, "%",  # 0.8 / (0.8 + 8.9175)
+     "the report divides 800 us by the 8.9 ms of reads, not by the whole step (9.0%)"),
+    ("3.4 70B", "read time, 8 x A100", 4.45875, 4.95, "ms",  # 71.34 GB / 8 / 2 TB/s
+     "does not follow from the inputs: 71.34 GB / 8 / 2 TB/s = 4.46 ms"),
+    ("3.4 70B", "sync share of the step, 8 x A100", 15.212740670311385, 16, "%",  # 0.8 / (0.8 + 4.45875)
+     "the report's 16% is 800 us / 4.95 ms"),
+    ("4.2", "bytes per lane layer (2 GB / 8 lanes / 22 layers)", 11.363636363636363, 12.5, "MB",  # 2e9 / 176
+     "12.5 MB is 2.2 GB / 176 (the 2.2 GB of section 6.7), not 2 GB / 176"),
+    ("4.2", "free communication length, 12.5 MB per layer", 1.56, 1.56, "layers",  # 5 us / (12.5 MB / 3.9 TB/s)
+     "t_sync 5 us / (12.5 MB / 3.9 MB/us = 3.21 us)"),
+    ("4.2", "free communication length, 2 GB as stated", 1.716, None, "layers", ""),  # 5 us x 3.9e12 / 11.36e6
+    ("4.2", "smallest integer comm_length that is free", 2, None, "layers", ""),  # ceil(1.56)
+    ("6.7", "TinyLlama weights in bf16", 2.200096768, 2.2, "GB",  # 1,100,048,384 x 2 B
+     "TinyLlama has 1,100,048,384 parameters (1.1B; the report calls it 1.5B)"),
+    ("6.7", "reads per step, 2.2 GB on 8 x H100", 70.51282051282051, None, "us", ""),  # 2.2e9 / (8 x 3.9e12)
+    ("6.7", "hybrid decode step (3 syncs)", 85.51282051282051, 70, "us",  # + 3 x 5 us
+     "the report's 70 us leaves out the hybrid's own 3 syncs (15 us): it is the read time alone"),
+    ("6.7", "hybrid throughput", 11694.152923538231, 14181, "tokens/s", "14181 = 1 / 70.5 us"),
+    ("6.7", "Llama decode step (22 layers, 44 syncs)", 290.5128205128205, 290, "us", ""),  # 44 x 5 us + 70.51 us
+    ("6.7", "Llama throughput", 3442.188879082083, 3442, "tokens/s", ""),
+    ("6.7", "speed-up, hybrid (3 syncs) vs Llama", 3.3973013493253372, 4.2, "x",  # 290.513 / 85.513
+     "without the hybrid's syncs: 4.12x, which the report prints as 4.2x"),  # 290.513 / 70.513 = 4.120
+    ("6.7", "speed-up, best case eq. 11 (1 sync)", 3.8471986417657047, None, "x", ""),  # 290.513 / 75.513
+]
 
 
-def test_decode_command(capsys):
-    assert main(["decode"]) == 0
-    out = capsys.readouterr().out
-    assert "Llama, 22 layers (eq. 9)" in out and "290.51" in out and "3442.2" in out
-    assert "85.51" in out and "11694.2" in out and "3.40x" in out
-    assert "14181" in out and "4.2" in out and "leaves out the hybrid's own 3 syncs" in out
-    assert main(["decode", "--device", "a100", "--gpus", "4", "--examples"]) == 0
-    out = capsys.readouterr().out
-    assert "4 x A100" in out and "report column shown only" in out and "4.95" in out
+def test_every_worked_example_row():
+    rows = decode.report_examples()
+    assert [(r.section, r.quantity, r.report, r.unit, r.note) for r in rows] == [
+        (section, quantity, report, unit, note) for section, quantity, _, report, unit, note in EXAMPLES]
+    for row, (*_, ours, _report, _unit, _note) in zip(rows, EXAMPLES, strict=True):
+        assert row.ours == approx(ours, rel=1e-12), row.quantity  # an input off by one unit shows
 
 
-def test_decode_command_bad_input(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["decode", "--device", "B200"])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "unknown device 'B200'; known devices: V100, A100, H100, H200, MI250X, MI300A" in err
-    assert "Traceback" not in err
-    proc = subprocess.run([sys.executable, "-m", "analysis", "decode", "--gpus", "0"], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2 and "--gpus=0" in proc.stderr and "Traceback" not in proc.stderr
+def test_min_free_comm_length_counts_the_kv_cache_of_the_batch():
+    cfg = ModelConfig(arch="tpb", recipe="sandwich", vocab_size=32000, hidden=2048, lane_count=8, lane_depth=22,
+                      tp_blocks=1, n_classic_layers=1, n_heads=8, n_kv_heads=8, lane_heads=2, lane_kv_heads=1)
+    # KV bytes per token (bf16): lanes 8 x 22 layers x (K, V) x 1 head x 128 + classic (K, V) x 8 x 256, x 2 B
+    # = (45,056 + 4,096) x 2 = 98,304. Weights: 211,384,320 params x 2 B = 422,768,640 B. Per lane layer and GPU:
+    # M / (22 x 8); free length = 5 us / (that / 3.9 TB/s), rounded up.
+    # context 2048, batch 4: M = 422,768,640 + 98,304 x 8192 = 1,228,075,008 -> 6.978 MB -> 2.795 -> 3
+    assert decode.min_free_comm_length(cfg, H100, 8, context=2048, batch=4) == 3
+    # context 2048, batch 1: M = 624,095,232 -> 3.546 MB -> 5.499 -> 6
+    assert decode.min_free_comm_length(cfg, H100, 8, context=2048) == 6
+    # no context: no KV cache, the batch changes nothing (8.118 -> 9, as in test_section_4_2)
+    assert decode.min_free_comm_length(cfg, H100, 8, batch=10_000) == 9
+    # 1 byte per parameter: 211,384,320 / 176 = 1.201 MB -> 16.24 -> 17
+    assert decode.min_free_comm_length(cfg, H100, 8, bytes_per_param=1) == 17
 
 
-# --- measured decode (analysis/decode_measure.py): the model of the step on given measurements ---
+def test_speedup_passes_bytes_context_and_batch_to_both_sides():
+    cfg = hybrid_cfg()
+    default = decode.speedup(cfg)  # H100, 8 GPUs, bf16, no context, batch 1
+    assert default == decode.speedup(cfg, "H100", 8, bytes_per_param=2, context=0, batch=1)
+    assert (default.hybrid.gpus, default.hybrid.batch, default.llama.name) == (8, 1, "llama-13-layers")
+    assert default.hybrid.read_s == approx(2 * param_count(cfg) / (3.9e12 * 8))
+    # 1 byte per parameter and KV element, 2048 tokens of context, batch 4:
+    # KV per token = (K, V) x 8 lanes x 12 layers x 1 head x 128 + (K, V) x 8 heads x 256 = 28,672 B
+    nbytes = param_count(cfg) + 28_672 * 2048 * 4
+    result = decode.speedup(cfg, H100, 8, bytes_per_param=1, context=2048, batch=4)
+    for side in (result.hybrid, result.llama):
+        assert (side.nbytes, side.gpus, side.batch) == (nbytes, 8, 4)
+        assert side.compute_s == approx(decode.decode_flops(cfg, 2048, 4) / (989e12 * 8))
+    tiny = ModelConfig(arch="llama", vocab_size=32000, hidden=2048, ffn_mult=5632 / 2048, n_layers=22,
+                       n_heads=32, n_kv_heads=4, tied=False)
+    against = decode.speedup(cfg, H100, 8, llama=tiny, bytes_per_param=1, context=2048, batch=4)
+    # TinyLlama KV per token: (K, V) x 22 layers x 4 heads x 64 = 11,264 B at 1 byte
+    assert (against.llama.nbytes, against.llama.gpus, against.llama.batch) == (1_100_048_384 + 11_264 * 8192, 8, 4)
+    assert against.llama.read_s == approx(against.llama.nbytes / (3.9e12 * 8))
+    assert against.llama.compute_s == approx(decode.decode_flops(tiny, 2048, 4) / (989e12 * 8))
 
 
-def test_calibrated_prediction_and_terms():
-    from analysis import decode_measure as dm
-
-    base = dm.llama(hidden=64, layers=2, vocab=512)
-    cfgs = {"llama": base, "llama:tiny": dm.tiny_like(base)}
-    sharded, replicated = dm.read_bytes(base)
-    # layers: 2 x (2*64*64 + 2*64*32 + 3*64*128 + 2*64) fp32; head 512 x 64 + final norm
-    assert sharded == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) * 4
-    assert replicated == (512 * 64 + 64) * 4
-    # one device: 3 ms step, 1 ms of dispatch (the tiny model) -> reads 2 ms -> beta = M / 2 ms
-    measured = {1: {"llama": dict(step_s=3e-3, sync_s=0.0, syncs=0, messages=0),
-                    "llama:tiny": dict(step_s=1e-3, sync_s=0.0, syncs=0, messages=0)},
-                2: {"llama": dict(step_s=4e-3, sync_s=1.5e-3, syncs=4, messages=0, t_sync_s=0.3e-3),
-                    "llama:tiny": dict(step_s=2.4e-3, sync_s=1.3e-3, syncs=4, messages=0, t_sync_s=0.2e-3)}}
-    one, two = dm.rows(cfgs, measured, batch=1)
-    assert one.predicted_s == approx(3e-3) and one.error == approx(0)
-    reads_2 = 2e-3 * (sharded / 2 + replicated) / (sharded + replicated)
-    assert two.pred_sync_s == approx(4 * 0.3e-3)  # sync_count(llama, 2 layers) x t_sync
-    assert two.pred_reads_s == approx(reads_2) and two.pred_overhead_s == approx(1e-3)
-    assert two.predicted_s == approx(1.2e-3 + reads_2 + 1e-3)
-    assert two.overhead_s == approx(1.1e-3) and two.reads_s == approx(4e-3 - 1.5e-3 - 1.1e-3)
-    terms = two.term_errors()  # per term, they add up to the signed error
-    assert sum(terms.values()) == approx((two.predicted_s - two.step_s) / two.step_s)
-    assert two.worst_term() == max(terms, key=lambda k: abs(terms[k]))
-    assert two.eq_s == approx(4 * 0.3e-3 + 3e-3 / 2)  # the report's eq. 9 without dispatch
-    lines = dm.table([one, two])
-    assert lines[2].startswith("llama") and "bound" in lines[-1]
+SMALL = ModelConfig(arch="llama", vocab_size=256, hidden=64, n_layers=2, n_heads=2, n_kv_heads=1, tied=False)
+"""Matmul weights per layer: wq, wo 64 x 64, wk, wv 64 x 32, w1, w2, w3 64 x 128 = 36,864; two layers + the
+untied head 256 x 64: N = 90,112. Attention width 64 per layer. KV per token: 2 layers x (K, V) x 32 = 128 values;
+parameters 2 x (36,864 + 2 x 64) + 2 x 256 x 64 + 64 = 106,816."""
 
 
-def test_hybrid_of_equal_parameters_and_tiny_copy():
-    from analysis import decode_measure as dm
-
-    base = dm.llama()
-    hybrid = dm.hybrid_like(base, lanes=4, lane_depth=6)
-    assert hybrid.arch == "tpb" and hybrid.lane_count == 4 and hybrid.ffn_dim % 8 == 0
-    assert abs(param_count(hybrid) / param_count(base) - 1) < 0.02
-    tiny = dm.tiny_like(hybrid)
-    assert (tiny.lane_count, tiny.lane_depth, tiny.n_classic_layers) == (4, 6, 1) and param_count(tiny) < 20_000
+def test_decode_flops_are_a_third_of_the_training_flops():
+    # (6 N + 12 x 128 x context) / 3 per sequence; context 0 counts as 1
+    assert decode.decode_flops(SMALL) == (6 * 90_112 + 12 * 128) // 3 == 180_736
+    assert decode.decode_flops(SMALL, context=100, batch=3) == 3 * (6 * 90_112 + 12 * 128 * 100) / 3 == 694_272
 
 
-def test_measured_figure(tmp_path):
-    from analysis import decode_measure as dm
-
-    base = dm.llama(hidden=64, layers=2, vocab=512)
-    row = dm.Row("llama", base, 2, 1, 4e-3, 1e-3, 4, 0, 3e-4, 1.2e-3, 1e-3, 1e-3, 1e-3, 2e-3)
-    path = tmp_path / "m.png"
-    dm.figure([row], [(1, 5e-3, 1e-3), (2, 4.5e-3, 0.0)], 4e-3, 1.3, path)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert dm.free_comm_threshold(row) == approx(3e-4 / (3e-3 / 2))
+def test_model_bytes_defaults_and_kv_element_size():
+    assert param_count(SMALL) == 106_816
+    assert decode.model_bytes(SMALL) == 2 * 106_816
+    assert decode.model_bytes(SMALL, context=10) == 2 * 106_816 + 128 * 2 * 10
+    assert decode.model_bytes(SMALL, 2, context=10, batch=3, kv_bytes_per_el=1) == 2 * 106_816 + 128 * 1 * 10 * 3
 
 
-# --- samples (analysis/samples.py): text from a run's checkpoint with its own tokenizer ---
+def test_estimate_model_defaults_name_and_note():
+    est = decode.estimate_model(SMALL, H100)
+    assert (est.name, est.nbytes, est.gpus, est.batch, est.syncs, est.note) == ("llama-H64-n2", 2 * 106_816, 1, 1, 4,
+                                                                                "")
+    assert est.compute_s == approx(180_736 / 989e12)
+    assert decode.estimate_model(SMALL, H100, name="mine").name == "mine"
+    odd = hybrid_cfg(hidden=1536, lane_count=3)
+    assert decode.estimate_model(odd, H100, 2).note == (
+        "lane_count=3 is not a multiple of 2 GPUs: eq. 10 assumes the lanes spread evenly over the devices "
+        "(report section 4.1)")
+    assert decode.estimate_model(odd, H100, 3).note == decode.estimate_model(odd, H100, 1).note == ""
 
 
-@pytest.mark.slow
-def test_samples_from_a_checkpoint(tmp_path, capsys):
-    import pandas as pd
-    import torch
-
-    from analysis import samples
-    from models import build_model
-    from trainers import checkpoint
-    from trainers.checkpoint import ResumeState
-    from trainers.config import DataConfig
-
-    cfg = ModelConfig(arch="llama", vocab_size=512, hidden=32, n_layers=2, n_heads=2, n_kv_heads=2, max_seq_len=64)
-    data = DataConfig(source="stdlib", name="stdlib20", max_docs=20, vocab_size=512, test_tokens=4096,
-                      cache_dir=str(tmp_path / "cache"))
-    model = build_model(cfg)
-    run_dir = tmp_path / "run"
-    checkpoint.save(run_dir, 7, model, torch.optim.SGD(model.parameters(), lr=0.1), [ResumeState(step=7)])
-    params = {f"architecture.{k}": str(v) for k, v in cfg.__dict__.items()}
-    params |= {f"data.{k}": str(v) for k, v in data.__dict__.items()}
-    runs = pd.DataFrame([{**params, "protocol.context": "32", "run_dir": str(run_dir), "status": "FINISHED",
-                          "config": "llama-H32-n2"},
-                         {**params, "protocol.context": "32", "run_dir": str(tmp_path / "none"),
-                          "status": "FINISHED", "config": "other"}])
-    found = samples.sources(runs)
-    assert found[0].model == cfg and found[0].data == data and found[0].context == 32
-    text, step = samples.sample_text(found[0], "def ", tokens=12)
-    assert step == 7 and text.startswith("def ") and len(text) > 4
-    assert samples.sample_text(found[1]) is None  # no checkpoint
-    section = samples.markdown(found, tokens=8)
-    assert section[0] == "## Samples" and "**llama-H32-n2** (step 7):" in section and "other" not in "".join(section)
-    # the command finds the run by its run_dir tag in MLflow and prints the text
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    store = MlflowClient(tracking_uri=uri)
-    run = store.create_run(store.create_experiment("s"), tags={"run_dir": str(run_dir), "label": "tiny"})
-    for key, value in {**params, "protocol.context": "32"}.items():
-        store.log_param(run.info.run_id, key, value)
-    capsys.readouterr()
-    assert main(["samples", "--run-dir", str(run_dir), "--tracking-uri", uri, "--tokens", "6",
-                 "--temperature", "0"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("== tiny (step 7") and "\ndef " in out
+def test_estimate_checks_and_bound_at_equality():
+    for gpus, batch in ((0, 1), (1, 0)):
+        with pytest.raises(ValueError, match=rf"^gpus={gpus}, batch={batch}: both must be >= 1$"):
+            decode.estimate("x", 1e9, 1, H100, gpus, batch)
+    est = decode.estimate("x", 3.9e9, 2, "H100", 2, batch=3, flops=989e9, note="n")
+    assert (est.name, est.nbytes, est.syncs, est.gpus, est.batch, est.note) == ("x", 3.9e9, 2, 2, 3, "n")
+    assert (est.read_s, est.compute_s, est.sync_s) == (approx(0.5e-3), approx(0.5e-3), approx(10e-6))
+    assert est.bound == "memory"  # reads and compute take as long: memory bound
+    assert est.step_s == approx(0.51e-3) and est.tokens_per_s == approx(3 / 0.51e-3)
+    assert decode.throughput(0.5) == 2.0
 
 
-def test_measure_many_in_process():
-    """One process (G = 1, no process group): the figures decode-measure gathers, per config, as medians."""
-    from analysis import decode_measure as dm
+def test_threshold_for_two_devices():
+    assert decode.tp_threshold_bytes(H100, 2) == approx(39e6)  # 3.9e12 x 5e-6 x 2 / 1
 
-    base = dm.llama(hidden=32, layers=2, vocab=128, heads=2, kv_heads=1, max_seq_len=64)
-    got = dm.measure_many(0, 1, {"llama": base, "llama:tiny": dm.tiny_like(base)}, batch=2, steps=3, repeats=2)
-    assert set(got) == {"llama", "llama:tiny"}
-    assert got["llama"]["step_s"] > 0 and got["llama"]["syncs"] == 0 and got["llama"]["sync_s"] == 0
-    rows = dm.rows({"llama": base, "llama:tiny": dm.tiny_like(base)}, {1: got}, batch=2)
-    assert len(rows) == 1 and rows[0].tokens_per_s == approx(2 / got["llama"]["step_s"])
+
+def test_section_6_7_batch_and_names():
+    runs = decode.section_6_7(batch=4)
+    assert [(k, r.name, r.syncs, r.batch) for k, r in runs.items()] == [
+        ("llama", "Llama, 22 layers (eq. 9)", 44, 4), ("hybrid", "hybrid, 3 syncs (eq. 10)", 3, 4),
+        ("best", "hybrid, 1 sync (eq. 11)", 1, 4)]
+    assert runs["best"].tokens_per_s == approx(4 / 75.51282e-6, rel=1e-6)  # 5 us + 70.513 us
+
+
+def test_figure_7_layout_labels_and_defaults(tmp_path):
+    path = tmp_path / "fig7.png"
+    fig = decode.figure_7(path)  # V100 and H100, 2.22 GB, 1 / 2 / 4 / 8 GPUs, 0 .. 200 syncs
+    png = path.read_bytes()
+    assert int.from_bytes(png[16:20], "big") == 1210 and int.from_bytes(png[20:24], "big") == 770  # 11 x 7 in at 110
+    top_v100, top_h100, bottom_v100, bottom_h100 = fig.get_axes()
+    for ax in (top_v100, top_h100, bottom_v100, bottom_h100):
+        assert [line.get_label() for line in ax.get_lines()] == ["1 GPU (no sync)", "2 GPUs", "4 GPUs", "8 GPUs"]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["1 GPU (no sync)", "2 GPUs", "4 GPUs",
+                                                                      "8 GPUs"]
+        assert ax.xaxis.get_gridlines()[0].get_visible() and ax.xaxis.get_gridlines()[0].get_alpha() == 0.3
+        assert list(ax.get_lines()[0].get_xdata()) == list(range(0, 201, 2))
+    assert top_v100.get_title() == "V100: 0.90 TB/s, t_sync 5 us, 2.22 GB"
+    assert top_h100.get_title() == "H100: 3.90 TB/s, t_sync 5 us, 2.22 GB"
+    assert top_h100.get_ylabel() == "decode throughput (tokens/s)" and top_h100.get_xlabel() == ""
+    assert bottom_h100.get_ylabel() == "decode time per step (us)"
+    assert bottom_h100.get_xlabel() == "synchronisations per decode step"
+    assert top_v100.get_shared_x_axes().joined(top_v100, bottom_v100)
+    eight = bottom_h100.get_lines()[3].get_ydata()
+    assert eight[0] == approx(71.153846153846, rel=1e-12)  # 2.22 GB / (8 x 3.9 TB/s), in us
+    assert eight[-1] == approx(71.153846153846 + 200 * 5, rel=1e-12)
+    one = top_h100.get_lines()[0].get_ydata()
+    assert list(one) == approx([3.9e12 / 2.22e9] * 101, rel=1e-12)  # one device never syncs: 1756.8 tokens/s
+    assert top_h100.get_lines()[3].get_ydata()[1] == approx(1 / (71.153846153846e-6 + 10e-6), rel=1e-12)
+
+
+def test_figure_7_batch_and_step_of_the_sync_axis(tmp_path):
+    fig = decode.figure_7(tmp_path / "f.png", devices=("H100",), model_bytes=3.9e9, gpus=(2,), max_syncs=5, batch=4)
+    top, bottom = fig.get_axes()
+    assert list(top.get_lines()[0].get_xdata()) == [0, 1, 2, 3, 4, 5]  # max(1, 5 // 100) = 1
+    assert [line.get_label() for line in top.get_lines()] == ["2 GPUs"]
+    assert list(bottom.get_lines()[0].get_ydata()) == approx([500 + 5 * n for n in range(6)])  # 3.9 GB / 2 GPUs
+    assert top.get_lines()[0].get_ydata()[0] == approx(4 / 500e-6)  # batch 4
+
+
+def test_figure_7_title_rounds_the_model_size_to_two_decimals(tmp_path):
+    fig = decode.figure_7(tmp_path / "f.png", devices=("H100",), model_bytes=0.375e9, gpus=(1,), max_syncs=1)
+    assert fig.get_axes()[0].get_title() == "H100: 3.90 TB/s, t_sync 5 us, 0.38 GB"  # 0.375 is exact: to even, 0.38
+
+
+def test_estimate_defaults_one_device_batch_one_no_compute():
+    est = decode.estimate("x", 3.9e9, 2, H100)
+    assert (est.gpus, est.batch, est.compute_s, est.sync_s, est.note) == (1, 1, 0.0, 0.0, "")
+    assert est.step_s == approx(1e-3)  # 3.9 GB at 3.9 TB/s; one device never syncs

@@ -154,6 +154,14 @@ def test_tpb_classic_fields_count_only_with_classic_layers():
     assert _key_with(two, n_heads=8) != run_key(two)
 
 
+def test_data_max_tokens_counts_only_when_set():
+    base = run()
+    bounded = dataclasses.replace(base, data=dataclasses.replace(base.data, max_tokens=1000))
+    assert "max_tokens" not in key_fields(base)["data"] and key_fields(bounded)["data"]["max_tokens"] == 1000
+    assert len({run_key(base), run_key(bounded),
+                run_key(dataclasses.replace(base, data=dataclasses.replace(base.data, max_tokens=2000)))}) == 3
+
+
 # keys computed before ModelConfig had a dropout field: dropout=0 (off) must keep every existing run's key
 PINNED_KEYS = {
     "llama": ({}, "b9730c71ff389329"),

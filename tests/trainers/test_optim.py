@@ -10,7 +10,7 @@ import torch
 from models import build_model
 from models.config import ModelConfig
 from trainers.config import TrainConfig
-from trainers.optim import build_optimizer, lr_at, param_groups, warmup_steps
+from trainers.optim import build_optimizer, lr_at, param_groups, set_lr, warmup_steps
 
 
 def _group_sizes(model: torch.nn.Module) -> tuple[int, int]:
@@ -115,3 +115,84 @@ def test_step_outside_the_run_is_an_error():
         lr_at(0, _cfg())
     with pytest.raises(ValueError, match="step=101"):
         lr_at(101, _cfg())
+
+
+class Holder(torch.nn.Module):
+    """A module whose class name says nothing (no "norm"): only the parameter path decides."""
+
+    def __init__(self, **params: torch.Tensor) -> None:
+        super().__init__()
+        for name, value in params.items():
+            self.register_parameter(name, torch.nn.Parameter(value, requires_grad=name != "frozen"))
+
+
+class ScaleNorm(torch.nn.Module):
+    """A norm known by its class name alone, with a 2-D gain at a path without "norm"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2, 4))
+
+
+def _toy() -> torch.nn.Module:
+    root = Holder(w0=torch.ones(4, 4), b=torch.ones(4))
+    root.g = ScaleNorm()                                    # g.weight: a norm by its owner's class
+    root.stack = Holder(LaneNorm=torch.ones(2, 4))          # stack.LaneNorm: "norm" once lower-cased
+    root.final_norm = Holder(w=torch.ones(4, 4))            # final_norm.w: "norm" in the module path only
+    root.pos_stack = Holder()
+    root.pos_stack.layer = Holder(w=torch.ones(3, 3))       # "pos" three parts from the end: decayed
+    root.model = Holder(wpe=torch.ones(5, 4))               # "wpe" in the last two parts: not decayed
+    root.table = torch.nn.Embedding(7, 4)                   # table.weight: an nn.Embedding by type only
+    root.lin = Holder(frozen=torch.ones(4, 4), w=torch.ones(4, 4))  # frozen: in no group
+    return root
+
+
+def test_groups_by_path_owner_class_and_embedding_type():
+    model = _toy()
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, weight_decay=0.3)
+    assert [names[id(p)] for p in decay["params"]] == ["w0", "pos_stack.layer.w", "lin.w"]
+    assert [names[id(p)] for p in no_decay["params"]] == ["b", "g.weight", "stack.LaneNorm", "final_norm.w",
+                                                          "model.wpe", "table.weight"]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.3, 0.0)
+
+
+def test_optimizer_starts_at_the_first_step_lr_with_eps_1e8():
+    cfg = TrainConfig(steps=10, lr=3e-3, warmup_frac=0.2, beta1=0.8, beta2=0.9)  # W = 2: lr_at(1) = lr / 2
+    opt = build_optimizer(_toy(), cfg)
+    assert [(g["lr"], g["eps"]) for g in opt.param_groups] == [(1.5e-3, 1e-8), (1.5e-3, 1e-8)]
+
+
+def test_optimizer_falls_back_to_foreach_without_a_fused_kernel(monkeypatch):
+    adamw, calls = torch.optim.AdamW, []
+
+    def no_fused(params, fused=None, **kwargs):
+        calls.append(fused)
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors")
+        return adamw(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    cfg = TrainConfig(steps=10, lr=3e-3, warmup_frac=0.2, beta1=0.8, beta2=0.9, weight_decay=0.05)
+    opt = build_optimizer(_toy(), cfg)
+    assert calls == [True, None]
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    assert [(g["lr"], g["betas"], g["eps"], g["weight_decay"], len(g["params"])) for g in opt.param_groups] == [
+        (1.5e-3, (0.8, 0.9), 1e-8, 0.05, 3), (1.5e-3, (0.8, 0.9), 1e-8, 0.0, 6)]
+
+
+def test_set_lr_sets_every_group():
+    opt = build_optimizer(_toy(), TrainConfig(steps=10))
+    set_lr(opt, 0.25)
+    assert [g["lr"] for g in opt.param_groups] == [0.25, 0.25]
+
+
+def test_peak_and_stable_lr_are_exactly_lr_with_a_floor():
+    # lr = 0.01, floor 0.1: lr_min + (lr - lr_min) = 0.010000000000000002, so the peak must come from the warm-up
+    # branch (lr x W / W) and the last stable step from the stable branch.
+    cosine = _cfg(lr=0.01, min_lr_frac=0.1, schedule="cosine")
+    assert lr_at(10, cosine) == 0.01
+    assert lr_at(11, cosine) == pytest.approx(0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi / 90)), rel=1e-14)
+    wsd = _cfg(lr=0.01, min_lr_frac=0.1, schedule="wsd", decay_frac=0.2)
+    assert lr_at(80, wsd) == 0.01
+    assert lr_at(81, wsd) == pytest.approx(0.001 + 0.009 * 19 / 20, rel=1e-14)
