@@ -5,16 +5,14 @@
 
 Where things are: the MLflow run holds the solved model config (params `architecture.*`), the data
 config (`data.*`), the context (`protocol.context`) and its folder (tag `run_dir`); the folder holds
-the checkpoints (trainers.checkpoint). The tokenizer is the data pipeline's (trainers.data:
-prepare_data finds the cached build of that data config, and builds it if the cache is gone):
-the trained BPE's tokenizer.json, or the pretrained tokenizer the data config names.
+the checkpoints (trainers.checkpoint) and the sample its job wrote when the run finished
+(trainers/sample.py, which decodes with the run's own tokenizer).
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +20,11 @@ import pandas as pd
 
 from analysis.collect import AnalysisError, runs_table
 from models.config import ModelConfig
+from trainers import sample as trainers_sample
 from trainers.config import DataConfig
+from trainers.sample import SampleSpec
 
-DEFAULT_PROMPT = "def "
+DEFAULT_PROMPT = SampleSpec.prompt
 
 
 def _typed(cls, row: pd.Series, prefix: str):
@@ -77,24 +77,6 @@ def sources(runs: pd.DataFrame) -> list[RunSource]:
     return out
 
 
-def codec(data: DataConfig, context: int) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
-    """(encode, decode) of the tokenizer a run trained with."""
-    if data.tokenizer != "bpe":
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(data.tokenizer)
-        return (lambda text: tok(text, add_special_tokens=False)["input_ids"]), tok.decode
-    from tokenizers import Tokenizer
-
-    from trainers.data import prepare_data
-
-    path = prepare_data(data, context, progress=False).path / "tokenizer.json"
-    if not path.exists():
-        raise AnalysisError(f"no tokenizer.json in the data cache {path.parent}")
-    tok = Tokenizer.from_file(str(path))
-    return (lambda text: tok.encode(text, add_special_tokens=False).ids), tok.decode
-
-
 def has_checkpoint(source: RunSource) -> bool:
     from trainers.checkpoint import checkpoint_dir
 
@@ -103,31 +85,20 @@ def has_checkpoint(source: RunSource) -> bool:
 
 def load_model(source: RunSource):
     """The run's model with the weights of its newest complete checkpoint (None when it has none)."""
-    from models import build_model
-    from trainers.checkpoint import load_latest
-
-    found = load_latest(source.run_dir)
-    if found is None:
-        return None, 0
-    model = build_model(source.model)
-    model.load_state_dict(found.model)
-    return model.eval(), found.step
+    return trainers_sample.load_model(source.run_dir, source.model)
 
 
-def sample_text(source: RunSource, prompt: str = DEFAULT_PROMPT, tokens: int = 64, temperature: float = 0.8,
-                top_k: int | None = 40, seed: int = 0) -> tuple[str, int] | None:
-    """(prompt + decoded continuation, checkpoint step) of one run; None when it has no checkpoint."""
-    import torch
-
-    model, step = load_model(source)
-    if model is None:
-        return None
-    encode, decode = codec(source.data, source.context)
-    ids = encode(prompt) or [0]
-    room = source.model.max_seq_len - len(ids)
-    out = model.generate(torch.tensor([ids]), max(0, min(tokens, room)), temperature=temperature, top_k=top_k,
-                         seed=seed)
-    return decode(out[0].tolist()), step
+def sample_text(source: RunSource, prompt: str = DEFAULT_PROMPT, tokens: int = 64,
+                temperature: float = SampleSpec.temperature, top_k: int | None = SampleSpec.top_k,
+                seed: int = SampleSpec.seed) -> tuple[str, int] | None:
+    """(prompt + decoded continuation, checkpoint step) of one run; None when it has no checkpoint. The
+    sample its job wrote (trainers/sample.py) when that was made with these settings from the newest
+    checkpoint, else decoded now."""
+    spec = SampleSpec(prompt, tokens, temperature, top_k, seed)
+    saved = trainers_sample.read_sample(source.run_dir, spec)
+    if saved is not None:
+        return saved
+    return trainers_sample.decode_checkpoint(source.run_dir, source.model, source.data, source.context, spec)
 
 
 def sweep_sources(sweep: str, tracking_uri: str | None = None) -> list[RunSource]:
@@ -165,12 +136,13 @@ def one_per_config(items: list[RunSource]) -> list[RunSource]:
     return out
 
 
-def markdown(sweep_items: list[RunSource], tokens: int = 32, prompt: str = DEFAULT_PROMPT) -> list[str]:
-    """The report's samples section: a short greedy-free sample (temperature 0.8, top-k 40, seed 0) per
+def markdown(sweep_items: list[RunSource], tokens: int = SampleSpec.tokens, prompt: str = DEFAULT_PROMPT) -> list[str]:
+    """The report's samples section: a short sample (trainers.sample.SampleSpec: not greedy) per
     configuration, from its first run with a checkpoint."""
+    spec = SampleSpec()
     lines = ["## Samples", "",
              f"{tokens} tokens after `{prompt}` from each configuration's newest checkpoint "
-             "(temperature 0.8, top-k 40, seed 0).", ""]
+             f"(temperature {spec.temperature}, top-k {spec.top_k}, seed {spec.seed}).", ""]
     shown = set()
     for item in sweep_items:
         if item.name in shown:

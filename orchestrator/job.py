@@ -91,6 +91,7 @@ def run(spec: JobSpec) -> Outcome:
         return _supervise_torchrun(spec)
     from trainers.distributed import env_rank  # trainers.* import torch: after _set_threads
     from trainers.loop import train
+    from trainers.sample import write_sample
 
     ref = TrialRef.of(spec.study) if env_rank() == 0 else None
     logger = (MlflowLogger(spec.tracking_uri, spec.run_id, spec.run_dir, spec.heartbeat_s, ref.tags() if ref else {})
@@ -107,6 +108,8 @@ def run(spec: JobSpec) -> Outcome:
         raise
     state = _state(result)
     measured, tags = _measure_decode(spec, logger, result.step) if state == State.FINISHED else ({}, {})
+    if state == State.FINISHED and logger is not None:  # the sweep report's sample, decoded on this process
+        write_sample(spec.run_dir, spec.model, spec.data, spec.train.context)
     _close(logger, state, result.step, tags)
     if state == State.PREEMPTED:
         _hand_back(signal.SIGUSR2)  # submitit: dump checkpoint() and requeue, then exit

@@ -3,6 +3,7 @@
     <run_dir>/metrics.jsonl                      one JSON row per optimizer step (trainers/metrics_log.py)
     <run_dir>/checkpoints/step_00000040.pt       a checkpoint (trainers/checkpoint.py)
     <run_dir>/checkpoints/step_00000040.sha256   its digest, written last: the checkpoint is complete
+    <run_dir>/sample.json                        text decoded from the final checkpoint (trainers/sample.py)
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def sample(self) -> Path:
+        return self.path / "sample.json"
 
     @property
     def checkpoints(self) -> Path:

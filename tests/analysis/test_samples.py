@@ -43,6 +43,16 @@ def test_samples_from_a_checkpoint(tmp_path, capsys):
     assert samples.sample_text(found[1]) is None  # no checkpoint
     section = samples.markdown(found, tokens=8)
     assert section[0] == "## Samples" and "**llama-H32-n2** (step 7):" in section and "other" not in "".join(section)
+    # the sample its job wrote (trainers/sample.py) is shown as it is when its settings and step match
+    import dataclasses
+    import json
+
+    from trainers.sample import SampleSpec
+
+    planted = {"step": 7, "spec": dataclasses.asdict(SampleSpec(tokens=8)), "text": "def planted"}
+    (run_dir / "sample.json").write_text(json.dumps(planted))
+    assert "def planted" in samples.markdown(found, tokens=8)
+    assert "def planted" not in samples.markdown(found, tokens=9)
     # the command finds the run by its run_dir tag in MLflow and prints the text
     from mlflow import MlflowClient
 

@@ -59,7 +59,7 @@ def test_sweep_finishes_every_run_and_a_rerun_launches_nothing(tmp_path, cache):
     first = run_cli(SWEEP, tmp_path, cache)
     assert first.returncode == 0, first.stdout + first.stderr
     parent, done = parent_and_children(tmp_path, "e2e")
-    assert (tmp_path / "reports" / "e2e" / "summary.md").is_file()  # the report, at the end of the sweep
+    summary = (tmp_path / "reports" / "e2e" / "summary.md").read_text()  # the report, at the end of the sweep
     assert f"report: {tmp_path / 'reports' / 'e2e' / 'summary.md'}" in first.stdout
     url = f"#/experiments/{parent.info.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=tpb-runs-table"
     assert first.stdout.strip().splitlines()[-1].endswith(url)
@@ -80,6 +80,9 @@ def test_sweep_finishes_every_run_and_a_rerun_launches_nothing(tmp_path, cache):
         assert (params["protocol.steps"], params["data.vocab_size"], tags["sweep"]) == ("6", "512", "e2e")
         assert len(tags["run_key"]) == 16 and tags["run_dir"].endswith(tags["run_key"])
         assert Path(tags["run_dir"], "checkpoints", "step_00000006.pt").is_file()
+        sample = json.loads(Path(tags["run_dir"], "sample.json").read_text())  # the job's (trainers/sample.py)
+        assert sample["step"] == 6 and sample["text"].startswith("def ")
+        assert sample["text"].replace("```", "'''") in summary  # what the report shows, not decoded again
     submitted = submissions(tmp_path)
     assert submitted == 3
 

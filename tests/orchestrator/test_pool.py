@@ -123,3 +123,14 @@ def test_cluster_settings_are_checked():
     with pytest.raises(ValueError, match="cluster.device='B200': allowed: V100, A100, H100, H200, MI250X, MI300A, "
                                          "L40, A10"):
         ClusterConfig(device="B200")
+
+
+def test_submitit_still_reads_the_result_timeout_the_pool_shortens():
+    """LocalPool sets submitit's private Job._results_timeout_s to 1 s (local disk: a killed job's missing
+    result needs no 15 s of waiting); a submitit that renamed it would silently bring back the wait."""
+    import inspect
+
+    from submitit.core.core import Job
+
+    assert Job._results_timeout_s == 15
+    assert "self._results_timeout_s" in inspect.getsource(Job._get_outcome_and_result)
