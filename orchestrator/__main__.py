@@ -27,7 +27,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 from orchestrator import launcher, plan
-from orchestrator.config import ConfigError, bad_input_message, register_configs
+from orchestrator.config import ConfigError, bad_input, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,9 +41,8 @@ def _plugins_importable() -> None:
 def _refuse_targets(argv: list[str]) -> None:
     for arg in argv:
         if "_target_" in arg:
-            sys.stderr.write(f"error: the override {arg!r} sets a `_target_`: overrides never choose what gets "
-                             "instantiated\nnothing was launched or written.\n")
-            raise SystemExit(2)
+            raise bad_input(ConfigError(f"the override {arg!r} sets a `_target_`: overrides never choose what "
+                                        "gets instantiated"))
 
 
 def _multirun_first(argv: list[str]) -> list[str]:
@@ -61,8 +60,7 @@ def _single(cfg):
                               "add -m (a sweep), or give one run its seed with protocol.seed=K")
         return launcher.launch([cfg], [list(HydraConfig.get().overrides.task)], multirun=False)[0]
     except ConfigError as error:
-        sys.stderr.write(bad_input_message(error))
-        raise SystemExit(2) from error
+        raise bad_input(error) from error
     except Exception as error:  # a bug, not bad input (Hydra would report it with exit code 1)
         traceback.print_exc()
         raise SystemExit(3) from error

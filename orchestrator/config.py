@@ -13,6 +13,7 @@ type-checked while Hydra composes; `to_run_config` converts the composed DictCon
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import sys
@@ -106,14 +107,13 @@ class ClusterConfig:
                 raise ValueError(f"cluster.{name}={getattr(self, name)}: must be >= 0")
         if self.nodes < 1:
             raise ValueError(f"cluster.nodes={self.nodes}: must be >= 1")
-        if not self.timeout_min > 0:
-            raise ValueError(f"cluster.timeout_min={self.timeout_min}: must be > 0")
+        for name in ("timeout_min", "poll_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"cluster.{name}={getattr(self, name)}: must be > 0")
         if self.kind == "local" and self.nodes != 1:
             raise ValueError(f"cluster.nodes={self.nodes}: the local cluster is one node (use cluster=slurm)")
         if self.launcher == "torchrun" and self.kind == "slurm" and self.nodes > 1:
             raise ValueError("cluster.launcher=torchrun runs on one node: use launcher=submitit for nodes > 1")
-        if self.poll_s <= 0:
-            raise ValueError(f"cluster.poll_s={self.poll_s}: must be > 0")
         if self.device.lower() not in {name.lower() for name in DEVICES}:
             raise ValueError(f"cluster.device={self.device!r}: allowed: {', '.join(DEVICES)}")
 
@@ -141,15 +141,11 @@ class TrackingConfig:
         if self.uri:
             scheme = self.uri.split(":", 1)[0].split("+", 1)[0].lower()
             if ":" not in self.uri or scheme not in TRACKING_SCHEMES:
-                raise ValueError(
-                    f"tracking.uri={self.uri!r}: expected sqlite:///path, a SQLAlchemy URL "
-                    f"(postgresql://..., mysql://...) or http(s)://host:port"
-                )
+                raise ValueError(f"tracking.uri={self.uri!r}: expected sqlite:///path, a SQLAlchemy URL "
+                                 "(postgresql://..., mysql://...) or http(s)://host:port")
         if self.heartbeat_s <= 0 or self.stale_after_s <= self.heartbeat_s:
-            raise ValueError(
-                f"tracking.heartbeat_s={self.heartbeat_s}, tracking.stale_after_s={self.stale_after_s}: "
-                "need 0 < heartbeat_s < stale_after_s"
-            )
+            raise ValueError(f"tracking.heartbeat_s={self.heartbeat_s}, tracking.stale_after_s="
+                             f"{self.stale_after_s}: need 0 < heartbeat_s < stale_after_s")
 
 
 @dataclass
@@ -210,16 +206,23 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=RunConfig)
 
 
-def find_targets(node: Any, path: str = "") -> list[str]:
-    """Dotted paths of every `_target_` key in a (plain or OmegaConf) nested mapping / list."""
-    if hasattr(node, "items"):
-        children = [(f"{path}.{key}" if path else str(key), key, value) for key, value in node.items()]
-    elif isinstance(node, (list, tuple)) or type(node).__name__ == "ListConfig":
-        children = [(f"{path}[{i}]", i, value) for i, value in enumerate(node)]
-    else:
-        return []
-    return [found for where, key, value in children
-            for found in ([where] if key == "_target_" else []) + find_targets(value, where)]
+def unknown_key(node: Any, path: str = "") -> str | None:
+    """The first key of a composed DictConfig that must not be there, as an error message: a `_target_`
+    (nothing is instantiated), or a key its dataclass has no field for (a `+protocol.stepz=3`, which
+    OmegaConf.to_object would drop without a word). The schema types every list as plain values."""
+    from omegaconf import DictConfig, OmegaConf
+
+    kind = OmegaConf.get_type(node)
+    names = {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else None
+    for key in node:
+        if key == "_target_":
+            return f"{path}{key}: `_target_` keys are not accepted in run configs (nothing is instantiated)"
+        if names is not None and key not in names:
+            return f"{path}{key}: no such setting; allowed: {', '.join(sorted(names))}"
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and (found := unknown_key(child, f"{path}{key}.")):
+            return found
+    return None
 
 
 def to_run_config(cfg: Any) -> RunConfig:
@@ -235,9 +238,8 @@ def to_run_config(cfg: Any) -> RunConfig:
     if "hydra" in cfg:
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]
-    targets = find_targets(cfg)
-    if targets:
-        raise ConfigError(f"{targets[0]}: `_target_` keys are not accepted in run configs (nothing is instantiated)")
+    if unknown := unknown_key(cfg):
+        raise ConfigError(unknown)
     try:
         if cfg.budget > 0:
             cfg.architecture.hidden = None  # to be solved (models.budget.solve, in plan_job)

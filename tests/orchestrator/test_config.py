@@ -12,8 +12,8 @@ from orchestrator.config import (
     ConfigError,
     RunConfig,
     TrackingConfig,
-    find_targets,
     to_run_config,
+    unknown_key,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,11 +111,17 @@ def test_target_keys_are_refused(compose):
     from omegaconf import open_dict
 
     cfg = compose("config")
-    with open_dict(cfg):
-        cfg.extra = {"inner": {"_target_": "os.system"}}
-    assert find_targets(cfg) == ["extra.inner._target_"]
+    with open_dict(cfg.architecture):
+        cfg.architecture._target_ = "os.system"
+    assert unknown_key(cfg).startswith("architecture._target_: `_target_` keys are not accepted")
     with pytest.raises(ConfigError, match="_target_"):
         to_run_config(cfg)
+    cfg = compose("config")
+    with open_dict(cfg), open_dict(cfg.protocol):
+        cfg.protocol.stepz = 3
+        cfg.extra = 1
+    assert unknown_key(cfg).startswith("protocol.stepz: no such setting; allowed: batch_tokens, beta1")
+    assert unknown_key(compose("config", ["+study=speed_quality"])) is None
 
 
 def test_cluster_and_tracking_checks():
