@@ -9,6 +9,8 @@ processes hits them alike.
                                                config hidden 256, FFN 512, 4 layers, 4 heads, 2 KV heads,
                                                vocab 8192; ms per decode step (= per token at batch 1)
     ..._b8                                     the same at batch 8 (tok/s = 8 / step)
+    decode_compiled_vs_hf_b<n>                 the same Llama, forward through torch.compile (dynamic shapes),
+                                               vs HF; ..._same_tokens says it decodes the eager model's tokens
     decode_bf16_vs_hf_fp32_b<n>                our Llama with its weights cast to bf16 (half the bytes read
                                                per token) vs HF in fp32: not the same numerics
     tpb_vs_llama_decode_b1                     a sandwich TPB of equal parameters vs that Llama (tokens/s
@@ -58,11 +60,21 @@ def _interleaved(fns: dict, reps: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def vs_hf(new_tokens: int, reps: int) -> list[str]:
+def _compiled_copy(model):
+    """The same weights, forward through torch.compile(dynamic=True): one graph for the prefill and one for
+    the one-token step at any position (about 30 s of compiling on this CPU, paid in the warm-up)."""
+    twin = build_model(model.cfg).eval()
+    twin.load_state_dict(model.state_dict())
+    twin.forward = torch.compile(twin.forward, dynamic=True)
+    return twin
+
+
+def vs_hf(new_tokens: int, reps: int, compiled: bool = True) -> list[str]:
     cfg = dm.llama(max_seq_len=PROMPT + new_tokens + 1)
     torch.manual_seed(0)
     ours = build_model(cfg).eval()
     hf = to_hf(ours).eval()
+    fast = _compiled_copy(ours) if compiled else None
     hybrid = build_model(dm.hybrid_like(cfg)).eval()
     half = build_model(cfg).eval()
     half.load_state_dict(ours.state_dict())
@@ -80,12 +92,20 @@ def vs_hf(new_tokens: int, reps: int) -> list[str]:
             "hybrid": lambda p=prompt: hybrid.generate(p, new_tokens, temperature=0),
             "bf16": lambda p=prompt: half.generate(p, new_tokens, temperature=0),
         }
+        if fast is not None:
+            fns["compiled"] = lambda p=prompt: fast.generate(p, new_tokens, temperature=0)
         t = {k: v / new_tokens for k, v in _interleaved(fns, reps).items()}  # per step (prefill amortised)
         lines += [f"decode_ms_b{batch}: {t['ours'] * 1e3:.3f}", f"hf_ms_b{batch}: {t['hf'] * 1e3:.3f}",
                   f"decode_tok_s_b{batch}: {batch / t['ours']:.0f}", f"hf_tok_s_b{batch}: {batch / t['hf']:.0f}",
                   f"decode_vs_hf_b{batch}: {t['hf'] / t['ours']:.2f}",
                   f"decode_bf16_vs_hf_fp32_b{batch}: {t['hf'] / t['bf16']:.2f}",
                   f"tpb_vs_llama_decode_b{batch}: {t['ours'] / t['hybrid']:.2f}"]
+        if fast is not None:
+            same = torch.equal(fast.generate(prompt, new_tokens, temperature=0),
+                               ours.generate(prompt, new_tokens, temperature=0))
+            lines += [f"decode_compiled_ms_b{batch}: {t['compiled'] * 1e3:.3f}",
+                      f"decode_compiled_vs_hf_b{batch}: {t['hf'] / t['compiled']:.2f}",
+                      f"decode_compiled_same_tokens_b{batch}: {same}"]
     return lines
 
 
@@ -124,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer tokens and rounds")
     parser.add_argument("--no-tp", action="store_true", help="single-device figures only")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender (~60 s)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the single-device part (0 = default)")
     parser.add_argument("--figure", default=None, metavar="PNG",
                         help="also print the decode-measure table and draw it (python -m analysis decode-measure)")
@@ -131,7 +152,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     reps, tokens = (3, 32) if args.quick else (REPS, 64)
-    for line in vs_hf(tokens, reps):
+    for line in vs_hf(tokens, reps, compiled=not args.no_compile):
         print(line, flush=True)
     if args.no_tp:
         return
