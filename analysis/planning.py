@@ -32,6 +32,45 @@ ASSUMED_MFU = 0.4
 table 3) measured 46.2% for PaLM and 21.3% / 32.5% / 30.2% for GPT-3 / Gopher / MT-NLG; 0.4 sits between. Small
 models (the report's 135M) reach less: compare with the `mfu` metric a real run logs (trainers/loop.py)."""
 GIB = 2**30
+COMPILE_AUTO_MIN_S = 600.0
+"""protocol.compile=auto compiles a run whose expected eager training time (expected_eager_s) is at least
+this. Measured on the 2-core CPU this project is built on: a 60-step run of the default Llama took 41.6 s
+eager and 84.8 s compiled, compilation costing ~43 s (35 s in the first step, a recompile at the first eval),
+then trained 1.40x faster (3,915 -> 5,501 tokens/s). Ten minutes of eager training then save ~170 s for them."""
+
+
+def expected_eager_s(arch: ModelConfig, protocol: TrainConfig, peak_flops: float, from_step: int = 0,
+                     mfu: float = ASSUMED_MFU) -> float:
+    """Seconds of eager training of the steps after `from_step` at `mfu` of `peak_flops` (FLOP/s)."""
+    steps = max(0, protocol.steps - from_step)
+    return flops_per_token(arch, protocol.context) * steps * protocol.batch_tokens / (mfu * peak_flops)
+
+
+def compiles(setting: str, expected_s: float) -> bool:
+    """protocol.compile -> torch.compile or not: "true" / "false" as said, "auto" when the run is expected to
+    train eagerly for at least COMPILE_AUTO_MIN_S seconds."""
+    return setting == "true" or (setting == "auto" and expected_s >= COMPILE_AUTO_MIN_S)
+
+
+def compile_line(rows: list[tuple[str, ModelConfig, TrainConfig]], device: str | None) -> str:
+    """The dry run's protocol.compile decision. device: the GPU model the runs train on (its dense bf16 peak,
+    halved for fp32, as the trainer's); None = this machine's CPU (its matmul rate measured now, as the trainer
+    measures it: trainers/loop.py peak_flops)."""
+    precision = rows[0][2].precision
+    if device is None:
+        import torch
+
+        from trainers.loop import peak_flops
+
+        peak, where = peak_flops(torch.device("cpu"), precision), "this machine's CPU"
+    else:
+        peak, where = device_flops(device) / (1 if precision == "bf16" else 2), get_device(device).name
+    settings = sorted({protocol.compile for _, _, protocol in rows})
+    on = [name for name, arch, protocol in rows
+          if compiles(protocol.compile, expected_eager_s(arch, protocol, peak))]
+    return (f"protocol.compile={','.join(settings)}: {len(on)} of {len(rows)} run(s) compiled on {where} "
+            f"({peak / 1e12:.3g} TFLOP/s {precision}; auto = expected eager training >= {COMPILE_AUTO_MIN_S:.0f} s "
+            f"at MFU {ASSUMED_MFU:.2f}, analysis/planning.py)")
 
 
 def training_flops(arch: ModelConfig, protocol: TrainConfig) -> int:
@@ -112,9 +151,10 @@ ROW = "{:<30} {:>10} {:>10} {:>9} {:>9} {:>9} {:>11} {:>11}"
 
 
 def plan_lines(rows: list[tuple[str, ModelConfig, TrainConfig]], device: str, world_size: int = 1,
-               mfu: float = ASSUMED_MFU) -> list[str]:
+               mfu: float = ASSUMED_MFU, cpu: bool = False) -> list[str]:
     """The dry run's planning table: one row per (run name, architecture, protocol), then the sweep's total
-    (FLOPs and GPU-hours summed, memory the largest run's)."""
+    (FLOPs and GPU-hours summed, memory the largest run's), then the protocol.compile decision (on this
+    machine's CPU when `cpu`, else on `device`)."""
     name = get_device(device).name
     lines = [f"planning: GPU-hours on {name} (cluster.device: {device_flops(device) / 1e12:g} TFLOP/s dense bf16 per "
              f"device) at an assumed MFU of {mfu:.2f} (ASSUMED_MFU, analysis/planning.py)",
@@ -132,4 +172,4 @@ def plan_lines(rows: list[tuple[str, ModelConfig, TrainConfig]], device: str, wo
                                                             mem.total))))
     lines.append(ROW.format(f"sweep ({len(rows)} run(s))", f"{total_flops:.3e}", f"{total_hours:.3g}",
                             "", "", "", "largest:", f"{largest / GIB:.3g}"))
-    return lines
+    return lines + [compile_line(rows, None if cpu else device)]

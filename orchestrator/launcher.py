@@ -27,21 +27,11 @@ from typing import Any
 
 from analysis.planning import plan_lines
 from analysis.stores import resolve_uri
+from orchestrator import pool
 from orchestrator.config import ConfigError, RunConfig, to_run_config
 from orchestrator.job import JobSpec
 from orchestrator.outcome import ACTIVE_MLFLOW, Outcome, State, ended_state
 from orchestrator.plan import Job, dedupe, plan_job, print_plan
-from orchestrator.pool import (
-    LocalPool,
-    Submission,
-    check_slurm,
-    detach_local_pool,
-    local_capacity,
-    local_executor,
-    local_slots,
-    run_slurm,
-    slurm_executor,
-)
 from orchestrator.progress import Progress
 from orchestrator.runkey import run_key
 from orchestrator.tracking import liveness, store
@@ -93,7 +83,7 @@ def resolve_paths(run: RunConfig, launch_dir: Path) -> tuple[Path, str, Path]:
     return out, uri, folder
 
 
-def decide(items: list[Submission], existing: dict[str, Any]) -> None:
+def decide(items: list[pool.Submission], existing: dict[str, Any]) -> None:
     for item in items:
         run = existing.get(item.job.run_key)
         if run is None:
@@ -131,7 +121,7 @@ PARENT_RUN_TAG = "mlflow.parentRunId"
 """MLflow's own tag: the UI shows a run nested under the run it names (the sweep's parent run)."""
 
 
-def prepare_runs(items: list[Submission], client, experiment_id: str, out: Path, uri: str, threads: int,
+def prepare_runs(items: list[pool.Submission], client, experiment_id: str, out: Path, uri: str, threads: int,
                  parent_id: str = "") -> None:
     """Create (SCHEDULED) or reopen the MLflow run of every item to launch, and its JobSpec; every run
     created or resumed becomes a child of parent_id (when given)."""
@@ -157,7 +147,7 @@ def prepare_runs(items: list[Submission], client, experiment_id: str, out: Path,
                             study=job.run.study, decode_speedup=job.decode_speedup, decode_time=job.decode_time)
 
 
-def nest_ended(client, items: list[Submission], existing: dict[str, Any], parent_id: str) -> None:
+def nest_ended(client, items: list[pool.Submission], existing: dict[str, Any], parent_id: str) -> None:
     """Runs left alone (finished, or running elsewhere) made before the sweep had a parent join it too."""
     for item in items:
         run = existing.get(item.job.run_key)
@@ -171,7 +161,7 @@ def report_command(run: RunConfig, uri: str, launch_dir: Path) -> str:
     return f"python -m analysis report --sweep {run.name}" + ("" if default else f" --tracking-uri {uri}")
 
 
-def report_sweep(items: list[Submission], run: RunConfig, uri: str, launch_dir: Path) -> None:
+def report_sweep(items: list[pool.Submission], run: RunConfig, uri: str, launch_dir: Path) -> None:
     """The sweep's report once every job ended; a report that cannot be built is a one-line note, never a
     failure of the sweep (whose exit code says how its runs ended)."""
     command = report_command(run, uri, launch_dir)
@@ -208,23 +198,25 @@ def launch(configs: list[Any], overrides: list[list[str]], launch_dir: str | Pat
     first = unique[0].run
     if first.dry_run:
         print_plan(unique, title=f"{first.name}: dry run, nothing launched")
-        if first.cluster.kind == "local":
-            print(local_slots(first, len(unique)).describe())
+        slots = pool.local_slots(first, len(unique)) if first.cluster.kind == "local" else None
+        if slots:
+            print(slots.describe())
         print("\n".join(plan_lines([(j.run_name, j.run.architecture, j.run.protocol) for j in unique],
-                                    first.cluster.device, first.cluster.world_size)))
+                                    first.cluster.device, first.cluster.world_size,
+                                    cpu=slots is not None and not slots.gpus_per_job)))
         print("\n".join(bound_lines([(j.run.protocol, j.run.data) for j in unique])))
         print(f"{len(jobs)} job(s), {len(unique)} unique run key(s); nothing launched, nothing written.")
         LAST_OUTCOMES[:] = [Outcome(State.DRY_RUN, run_key=unique[i].run_key) for i in mapping]
         return list(LAST_OUTCOMES)
     out, uri, folder = resolve_paths(first, launch_dir)
     if first.cluster.kind == "slurm":
-        check_slurm()
+        pool.check_slurm()
         slots, threads, gpus = 0, first.cluster.cpus_per_task, []
     else:
-        slots, threads, gpus = local_capacity(first, len(unique))
+        slots, threads, gpus = pool.local_capacity(first, len(unique))
         prepare_sets([(j.run.data, j.run.protocol.context) for j in unique], error=ConfigError)  # before any job
     client, experiment_id = store.open_experiment(uri, first.name)
-    items = [Submission(job) for job in unique]
+    items = [pool.Submission(job) for job in unique]
     claim(items, client, experiment_id, first, out, uri, threads, multirun)
     print_plan(unique, [ACTIONS.get(i.state, "resume" if i.resume else "start") for i in items], title=f"{first.name}: {uri}")
     for item in items:
@@ -241,8 +233,8 @@ def launch(configs: list[Any], overrides: list[list[str]], launch_dir: str | Pat
     return list(LAST_OUTCOMES)
 
 
-def claim(items: list[Submission], client, experiment_id: str, first: RunConfig, out: Path, uri: str, threads: int,
-          multirun: bool) -> None:
+def claim(items: list[pool.Submission], client, experiment_id: str, first: RunConfig, out: Path, uri: str,
+          threads: int, multirun: bool) -> None:
     """Read the store, decide and claim the runs as one step, under the store lock: an invocation of the same
     sweep started at the same moment waits, then finds these runs claimed (running elsewhere)."""
     from analysis.collect import sweep_parent  # analysis imports pandas
@@ -258,20 +250,21 @@ def claim(items: list[Submission], client, experiment_id: str, first: RunConfig,
             nest_ended(client, items, existing, parent_id)
 
 
-def run_jobs(items: list[Submission], client, first: RunConfig, folder: Path, uri: str, slots: int,
+def run_jobs(items: list[pool.Submission], client, first: RunConfig, folder: Path, uri: str, slots: int,
              gpus: list[int]) -> None:
     """Submit the items that have a JobSpec (orchestrator/pool.py) and follow them unless detached."""
     progress = Progress(items, first.protocol.steps)
     if any(i.spec is not None for i in items):
         if first.cluster.kind == "slurm":
-            run_slurm(items, slurm_executor(first, folder), client, progress, first.detach, first.cluster.poll_s)
+            pool.run_slurm(items, pool.slurm_executor(first, folder), client, progress, first.detach,
+                           first.cluster.poll_s)
         elif first.detach:
-            detach_local_pool(items, first, folder, uri, slots, gpus)
+            pool.detach_local_pool(items, first, folder, uri, slots, gpus)
         else:
-            pool = LocalPool(local_executor(first, folder), slots, gpus, first.cluster.gpus_per_node, client,
-                             progress)
+            local = pool.LocalPool(pool.local_executor(first, folder), slots, gpus, first.cluster.gpus_per_node,
+                                   client, progress)
             try:
-                pool.run(items, first.cluster.poll_s)
+                local.run(items, first.cluster.poll_s)
             except KeyboardInterrupt:
                 progress.close()
                 print("interrupted: submitted jobs keep running; re-run the same command to start or resume the "
@@ -280,7 +273,7 @@ def run_jobs(items: list[Submission], client, first: RunConfig, folder: Path, ur
     progress.close(detached=first.detach)
 
 
-def _final_outcome(item: Submission) -> Outcome:
+def _final_outcome(item: pool.Submission) -> Outcome:
     if item.outcome is not None:
         return dataclasses.replace(item.outcome)
     state = State.SUBMITTED if item.handle is not None else item.state

@@ -10,6 +10,7 @@ list, read by the run key (orchestrator/runkey.py) and the configurations of a r
 SOURCES = ("stdlib", "hub", "files")
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("fp32", "bf16")
+COMPILE_SETTINGS = ("auto", "true", "false")
 
 
 @dataclass
@@ -108,9 +109,11 @@ class TrainConfig:
     seed: int = 0
     threads: int = field(default=0, metadata=NON_RESULT)
     """torch intra-op threads per process (0 = leave torch's default)."""
-    compile: bool = field(default=False, metadata=NON_RESULT)
-    """torch.compile the model's forward (in place: checkpoints keep their keys). Fuses the elementwise
-    work around the matmuls; pays off on long runs (the first steps wait for compilation, ~10-30 s)."""
+    compile: str = field(default="auto", metadata=NON_RESULT)
+    """auto | true | false: torch.compile the model's forward (in place: checkpoints keep their keys). It fuses
+    the elementwise work around the matmuls and pays off on long runs only (the first steps wait for it,
+    ~40 s on CPU); auto compiles a run expected to train eagerly for 10 minutes or more (the rule and its
+    measurement: analysis/planning.py COMPILE_AUTO_MIN_S; the dry run prints the decision)."""
     measure_decode: bool = field(default=False, metadata=NON_RESULT)
     """When the run finishes, time single-device decoding of its final weights in the job process (batch 1, a
     16-token prompt, 32 new tokens: analysis/decode_fill.py) and log it as metrics decode_ms_per_token, ...
@@ -139,9 +142,11 @@ class TrainConfig:
                 f"protocol.warmup_frac + protocol.decay_frac = {self.warmup_frac + self.decay_frac}: "
                 "must be <= 1 for the wsd schedule"
             )
-        for name in ("compile", "measure_decode"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"protocol.{name}={getattr(self, name)!r}: allowed: true, false")
+        if not isinstance(self.measure_decode, bool):
+            raise ValueError(f"protocol.measure_decode={self.measure_decode!r}: allowed: true, false")
+        self.compile = str(self.compile).lower()  # true / false from YAML or an override arrive as "True"
+        if self.compile not in COMPILE_SETTINGS:
+            raise ValueError(f"protocol.compile={self.compile!r}: allowed: {', '.join(COMPILE_SETTINGS)}")
         if self.cosine_cycles <= 0:
             raise ValueError(f"protocol.cosine_cycles={self.cosine_cycles}: must be > 0")
 

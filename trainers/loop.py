@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from analysis.devices import peak_flops_of
+from analysis.planning import COMPILE_AUTO_MIN_S, compiles, expected_eager_s
 from models import build_model
 from models.config import ModelConfig
 from models.counts import flops_per_token
@@ -171,10 +172,17 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_d
 
     _seed_everything(cfg.seed)
     bare = build_model(model_cfg).to(env.device)
-    if cfg.compile:
-        bare.compile()  # compiles forward in place: parameter names, state dict and DDP wrapping unchanged
     optimizer = build_optimizer(bare, cfg)
     state = _resume(run_dir, bare, optimizer, loader, env)
+    peak = peak_flops(env.device, cfg.precision)
+    expected = expected_eager_s(model_cfg, cfg, peak, from_step=state.step)
+    votes = torch.tensor([float(compiles(cfg.compile, expected))], device=env.device)  # CPU peaks are measured
+    compiled = all_reduce_sum(votes, env).item() > 0  # per rank: the ranks agree on rank-local estimates
+    if compiled:
+        bare.compile()  # compiles forward in place: parameter names, state dict and DDP wrapping unchanged
+    if env.is_main and cfg.compile == "auto":
+        print(f"protocol.compile=auto: {'compiled' if compiled else 'eager'} (expected eager training "
+              f"{expected:,.0f} s; compiles from {COMPILE_AUTO_MIN_S:.0f} s)", flush=True)
     model = wrap(bare, env)
 
     local = JsonlLogger(RunDir(run_dir).metrics, keep_through=state.step) if env.is_main else None
@@ -183,7 +191,7 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig, run_d
                 accum=accum, run_dir=run_dir, state=state,
                 logger=MultiLogger(local, logger) if env.is_main else None, local=local,
                 flops_per_token=flops_per_token(model_cfg, cfg.context),
-                peak_flops=peak_flops(env.device, cfg.precision), saved_step=state.step,
+                peak_flops=peak, saved_step=state.step,
                 params=[p for p in bare.parameters() if p.requires_grad])
 
 

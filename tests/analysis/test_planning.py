@@ -9,9 +9,13 @@ import pytest
 
 from analysis.planning import (
     ASSUMED_MFU,
+    COMPILE_AUTO_MIN_S,
     GIB,
     activation_bytes,
+    compile_line,
+    compiles,
     device_flops,
+    expected_eager_s,
     gpu_hours,
     memory_per_gpu,
     plan_lines,
@@ -90,3 +94,19 @@ def test_plan_lines_print_each_run_and_the_sweep_total():
     assert rows["longer"][:2] == ["1.057e+10", f"{2 * hours:.3g}"]  # twice the steps; half the micro-batch:
     assert rows["longer"][5] == f"{851_968 / 2 / GIB:.3g}"
     assert rows["sweep"] == ["(2", "run(s))", "1.585e+10", f"{3 * hours:.3g}", "largest:", f"{2_364_416 / GIB:.3g}"]
+
+
+def test_compile_auto_compiles_a_run_expected_to_train_ten_minutes_eagerly():
+    assert COMPILE_AUTO_MIN_S == 600
+    # TRAIN_FLOPS = 5,284,823,040 at 0.4 of 1e7 FLOP/s: 1,321.2 s; of 2e7: 660.6 s; of 1e8: 132.1 s
+    assert expected_eager_s(LLAMA, PROTOCOL, 1e7) == pytest.approx(TRAIN_FLOPS / 4e6) == pytest.approx(1321.2, 1e-4)
+    assert expected_eager_s(LLAMA, PROTOCOL, 1e7, from_step=5) == pytest.approx(TRAIN_FLOPS / 8e6)  # half left
+    assert expected_eager_s(LLAMA, PROTOCOL, 1e7, from_step=10) == 0
+    assert [compiles("auto", s) for s in (599.9, 600.0)] == [False, True]
+    assert (compiles("true", 0.0), compiles("false", 1e9)) == (True, False)
+    rows = [("a", LLAMA, PROTOCOL), ("b", LLAMA, dataclasses.replace(PROTOCOL, steps=5)),
+            ("c", LLAMA, dataclasses.replace(PROTOCOL, compile="false"))]
+    line = compile_line(rows, "H100")  # 989e12 FLOP/s bf16: 0.013 s each, nothing compiles
+    assert line.startswith("protocol.compile=auto,false: 0 of 3 run(s) compiled on H100 (989 TFLOP/s bf16;")
+    slow = compile_line(rows, None)  # this CPU: a 10-step run of 5.3 GFLOPs is well under 600 s
+    assert slow.startswith("protocol.compile=auto,false: 0 of 3 run(s) compiled on this machine's CPU (")

@@ -74,6 +74,10 @@ def test_paper_dry_run_prints_flops_gpu_hours_and_memory_per_run_and_for_the_swe
     assert float(total[3]) == pytest.approx(sum(float(r[1]) for r in runs), rel=1e-2)
     assert total[4:] == ["largest:", max((r[-1] for r in runs), key=float)]
     assert lines[-1] == "15 job(s), 11 unique run key(s); nothing launched, nothing written."
+    # paper scale on this CPU: every run expects hours of eager training, so protocol.compile=auto compiles all
+    compiled = next(x for x in lines if x.startswith("protocol.compile="))
+    assert compiled.startswith("protocol.compile=auto: 11 of 11 run(s) compiled on this machine's CPU (")
+    assert "auto = expected eager training >= 600 s at MFU 0.40, analysis/planning.py)" in compiled
 
 
 @pytest.mark.slow
@@ -95,3 +99,6 @@ def test_dry_run_with_gpus_per_node_names_ddp_and_plans_on_the_named_device(dry_
     memory = [4 * PARAMS, 8 * PARAMS, 8 * PARAMS, ACT, 20 * PARAMS + ACT]  # DDP: the buckets' gradient copy
     assert _row(lines, "llama-H1040-n12-s0") == ["1.171e+18", f"{hours:.3g}", *(f"{b / GIB:.3g}" for b in memory)]
     assert "planning: GPU-hours on MI250X (cluster.device: 191.5 TFLOP/s" in "\n".join(lines)
+    # on the GPUs: decided on the named device's peak (bf16 here: protocol=paper), 4.25 h of it expected
+    assert ("protocol.compile=auto: 1 of 1 run(s) compiled on MI250X (192 TFLOP/s bf16; auto = expected eager "
+            "training >= 600 s at MFU 0.40, analysis/planning.py)") in lines

@@ -8,8 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.config import ClusterConfig, ConfigError, RunConfig
-from orchestrator.launcher import local_capacity
-from orchestrator.pool import LocalPool, Submission, local_slots
+from orchestrator.pool import LocalPool, Submission, local_capacity, local_slots
 
 
 def capacity(monkeypatch, cores: int, n_jobs: int, gpus: str = "", **cluster):

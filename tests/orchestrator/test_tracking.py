@@ -236,7 +236,7 @@ def test_slurm_executor_gets_nodes_gpus_tasks_signal_and_array_cap(monkeypatch, 
     import submitit
 
     from orchestrator.config import ClusterConfig, RunConfig
-    from orchestrator.launcher import slurm_executor
+    from orchestrator.pool import slurm_executor
 
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
     cluster = ClusterConfig(kind="slurm", nodes=4, gpus_per_node=8, tasks_per_node=8, cpus_per_task=8,

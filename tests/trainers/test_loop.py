@@ -96,6 +96,23 @@ def test_mfu_uses_the_peak_from_the_environment(data_cfg, tmp_path, monkeypatch)
         assert m["mfu"] == pytest.approx(fpt * m["tokens_per_s"] / 1e9, rel=1e-12)
 
 
+def test_compile_auto_compiles_only_a_run_expected_to_train_long_eagerly(data_cfg, tmp_path, monkeypatch, capsys):
+    """protocol.compile=auto (the default): the remaining steps' FLOPs at MFU 0.4 of the peak, against 600 s
+    (analysis/planning.py). Module.compile is recorded, not run: the decision is what is tested here."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    tokens = 2 * 512  # tiny_train: 2 steps x batch_tokens 512
+    fpt = flops_per_token(tiny_model(), 32)
+    for peak, expected in ((fpt * tokens / 0.4 / 601, "compiled"), (fpt * tokens / 0.4 / 599, "eager")):
+        monkeypatch.setenv("TPB_PEAK_FLOPS", repr(peak))
+        loop.train(tiny_model(), tiny_train(steps=2), data_cfg, tmp_path / expected)
+        out = capsys.readouterr().out
+        assert f"protocol.compile=auto: {expected} (expected eager training {'601' if expected == 'compiled' else '599'} s" in out
+    assert compiled == ["Llama"]  # once: the 601 s run
+    loop.train(tiny_model(), tiny_train(steps=2, compile="false"), data_cfg, tmp_path / "off")  # as said
+    assert compiled == ["Llama"] and "protocol.compile" not in capsys.readouterr().out
+
+
 def test_finished_run_resumes_to_the_same_result_without_training(data_cfg, finished):
     run_dir, _, result = finished
     recorder = Recorder()
