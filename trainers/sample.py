@@ -45,7 +45,7 @@ def codec(data: DataConfig, context: int) -> tuple[Callable[[str], list[int]], C
 
     path = prepare_data(data, context, progress=False).path / "tokenizer.json"
     if not path.exists():
-        raise FileNotFoundError(f"no tokenizer.json in the data cache {path.parent}")
+        raise ValueError(f"no tokenizer.json in the data cache {path.parent}")  # the CLI: a message, no traceback
     tok = Tokenizer.from_file(str(path))
     return (lambda text: tok.encode(text, add_special_tokens=False).ids), tok.decode
 
