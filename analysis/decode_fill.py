@@ -72,9 +72,9 @@ def measure_model(model, tp: int = 0) -> dict[str, float]:
 def measure_run(source, tp: int = 0) -> tuple[dict[str, float], int] | None:
     """(metrics, checkpoint step) of a run (analysis.samples.RunSource) from its newest checkpoint; None
     without one."""
-    from analysis.samples import load_model
+    from trainers.sample import load_model
 
-    model, step = load_model(source)
+    model, step = load_model(source.run_dir, source.model)
     if model is None:
         return None
     return measure_model(model, tp), step

@@ -1,5 +1,6 @@
 """Paper-scale planning for the dry run: training FLOPs, GPU-hours on the cluster's device, memory per GPU.
-Pure functions of the configs (no model is built, torch is not imported).
+Pure functions of the configs (no model is built; torch is imported only by compile_line on CPU, to measure the
+matmul rate the trainer's protocol.compile=auto decision uses).
 
     FLOPs      training_flops = flops_per_token(arch, context) x steps x batch_tokens. flops_per_token
                (models/counts.py) counts forward + backward: 6 N_matmul + 12 sum(d_attn) S per token, i.e. a

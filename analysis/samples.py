@@ -83,11 +83,6 @@ def has_checkpoint(source: RunSource) -> bool:
     return checkpoint_dir(source.run_dir).is_dir()
 
 
-def load_model(source: RunSource):
-    """The run's model with the weights of its newest complete checkpoint (None when it has none)."""
-    return trainers_sample.load_model(source.run_dir, source.model)
-
-
 def sample_text(source: RunSource, prompt: str = DEFAULT_PROMPT, tokens: int = 64,
                 temperature: float = SampleSpec.temperature, top_k: int | None = SampleSpec.top_k,
                 seed: int = SampleSpec.seed) -> tuple[str, int] | None:
