@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from analysis.decode import speedup
+from analysis.planning import training_flops
 from models.budget import BudgetError, solve
 from models.counts import ffn_shape, non_embedding_params, param_count, sync_count
 from orchestrator.config import ConfigError, RunConfig
@@ -53,6 +54,9 @@ class Job:
     nominal_ffn_ratio: float = 0.0
     """The configured multiplier (lane_ffn_mult or ffn_mult)."""
     non_embedding_params: int = 0
+    flops: int = 0
+    """Forward + backward FLOPs of the whole run (analysis.planning.training_flops): the local pool starts the
+    costliest jobs first, so the last one to end is a short one."""
 
     @property
     def lane_hidden(self) -> int:
@@ -99,7 +103,7 @@ def plan_job(run: RunConfig, overrides: list[str] | None = None) -> Job:
     job = Job(run=run, run_key=run_key(run), params=param_count(arch), deviation=deviation,
               syncs=sync_count(arch), decode_speedup=speedup, decode_time=step_s, overrides=overrides,
               adjusted=adjusted, ffn=ffn, ffn_ratio=ffn / base, nominal_ffn_ratio=nominal,
-              non_embedding_params=non_embedding_params(arch))
+              non_embedding_params=non_embedding_params(arch), flops=training_flops(arch, run.protocol))
     job.run_name = job.label
     return job
 

@@ -112,6 +112,26 @@ def test_the_pool_hands_each_job_its_own_gpus(monkeypatch, gpus, gpus_per_node, 
     assert [i.gpus for i in items] == (handed or [[], []]) and pool.free_gpus == []
 
 
+def test_the_pool_starts_the_costliest_jobs_first_and_keeps_the_sweeps_order_on_ties(monkeypatch):
+    """2 slots, 5 jobs: started by Job.flops, largest first; equal FLOPs in the order given."""
+    started: list[str] = []
+
+    def end_all(running, client, progress):
+        done = list(running)
+        running.clear()
+        return done
+
+    monkeypatch.setattr("orchestrator.pool._end_done", end_all)
+    pool = LocalPool(_Executor(), slots=2, gpus=[], gpus_per_node=None, client=None,
+                     progress=SimpleNamespace(refresh=lambda: None))
+    monkeypatch.setattr(pool, "_submit", lambda item: started.append(item.job.run_name) or item)
+    flops = {"llama": 3, "sandwich-L16": 5, "burger-L16": 9, "burger-L1": 3, "sandwich-L1": 3}
+    items = [Submission(job=SimpleNamespace(run_name=name, flops=f), spec=object()) for name, f in flops.items()]
+    items.append(Submission(job=SimpleNamespace(run_name="finished before", flops=99)))  # no spec: not launched
+    pool.run(items, poll_s=0)
+    assert started == ["burger-L16", "sandwich-L16", "llama", "burger-L1", "sandwich-L1"]
+
+
 def test_cluster_settings_are_checked():
     assert ClusterConfig().gpus_per_node is None and ClusterConfig().world_size == 1  # auto: one rank per job
     assert ClusterConfig(gpus_per_node=0).ranks_per_node == 1
