@@ -13,6 +13,7 @@ rendered by Agg, so nothing depends on a display or on global state.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from analysis.extremum import distances_within, separation_step
 from analysis.ranking import config_names, pareto_mask
 
 RECIPE_COLORS = {"sandwich": "tab:blue", "burger": "tab:orange"}
+RECIPE_SHADES = {"sandwich": "Blues", "burger": "Oranges"}
+"""Loss curves: a recipe's configurations in shades of its colour, light to dark in name order (L1 .. L16)."""
 BASELINE_STYLES = {"llama": ("black", "--"), "gpt2": ("tab:gray", ":")}
 BAND = "mean over seeds, band = min–max"
 
@@ -101,9 +104,18 @@ def _curve_frame(runs: pd.DataFrame, history: pd.DataFrame, metric: str, group: 
     return frame
 
 
+NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:e[-+]?\d+)?)")
+
+
+def _natural(name: str) -> list:
+    """Sort key that reads the numbers in a name: sandwich-L2 before sandwich-L16, lr=0.003 before lr=0.01.
+    re.split with a group alternates text, number, text, ..., so the lists always compare like with like."""
+    return [float(part) if i % 2 else part for i, part in enumerate(NUMBER.split(name))]
+
+
 def _band_curves(ax, frame: pd.DataFrame, colors: dict | None = None) -> int:
     """Mean line and min/max band per group over steps; returns the number of groups drawn."""
-    groups = sorted(frame["group"].unique())
+    groups = sorted(frame["group"].unique(), key=_natural)
     for i, name in enumerate(groups):
         stats = frame[frame["group"] == name].groupby("step")["value"].agg(["mean", "min", "max"])
         color = (colors or {}).get(name, f"C{i % 10}")
@@ -296,13 +308,37 @@ def fig17d_extremum_distance(
     return _save(fig, path, len(distances))
 
 
-def loss_curves(runs: pd.DataFrame, history: pd.DataFrame, path, metric: str = "train_loss") -> Plot:
-    """Loss curves of every configuration (mean over seeds, min/max band)."""
+def family_colors(runs: pd.DataFrame, names: pd.Series) -> dict[str, object]:
+    """A colour per configuration name: a TPB recipe's in its shades (RECIPE_SHADES), a baseline's in its
+    BASELINE_STYLES colour, anything else a colour of its own."""
+    arch = runs.get("architecture.arch", pd.Series("", index=runs.index))
+    recipe = runs.get("architecture.recipe", pd.Series("", index=runs.index))
+    family = recipe.where(arch == "tpb", arch).astype(str)
+    colors: dict[str, object] = {}
+    for i, (fam, part) in enumerate(sorted(names.groupby(family), key=lambda kv: kv[0])):
+        members = sorted(part.astype(str).unique(), key=_natural)
+        if fam in RECIPE_SHADES:
+            shades = colormaps[RECIPE_SHADES[fam]](np.linspace(0.4, 0.95, len(members)))
+            colors.update(zip(members, shades, strict=True))
+        else:
+            base = BASELINE_STYLES.get(fam, (f"C{(i + 2) % 10}", ""))[0]
+            colors.update((name, base) for name in members)
+    return colors
+
+
+def loss_curves(runs: pd.DataFrame, history: pd.DataFrame, path, metric: str = "train_loss",
+                window: int | None = None) -> Plot:
+    """Loss curves of every configuration (mean over seeds, min/max band). The train loss is drawn as its
+    trailing mean over `window` steps (None: 10% of each run's steps, analysis.estimates): one batch's loss
+    moves from step to step by its sampling noise (benchmarks/loss_noise.py), which hides the curves."""
     names = runs["config"] if "config" in runs else config_names(runs)  # the report names them over all runs
+    if metric == "train_loss":
+        metric = "train_loss_mean"
+        history = estimates.estimate_curves(history, metric, window).assign(key=metric)
     frame = _curve_frame(runs, history, metric, names)
-    fig, ax = _axes(f"{estimates.curve_label(metric)} per configuration ({BAND})", "step",
-                    estimates.curve_label(metric))
-    n = _band_curves(ax, frame)
+    ylabel = estimates.curve_label(metric, window)
+    fig, ax = _axes(f"loss curves per configuration ({BAND})", "step", ylabel)
+    n = _band_curves(ax, frame, family_colors(runs, names))
     _log_y(ax)
     _legend(ax, n)
     return _save(fig, path, n)

@@ -147,6 +147,35 @@ def test_loss_curves_one_series_per_configuration(lane_runs, tmp_path):
     check_png(figures.loss_curves(lane_runs, curves(lane_runs), tmp_path / "curves.png"), 9)  # 8 tpb configs + llama
 
 
+def test_loss_curves_draw_the_trailing_mean_of_the_train_loss(lane_runs, tmp_path):
+    """Steps alternate 5, 3 (one batch's noise): over a 2-step window (10% of 20 steps, or given) every step
+    from the second reads 4.0; the first is its own mean. Lines come in natural order, L2 before L8."""
+    runs = lane_runs[(lane_runs["architecture.arch"] == "tpb") & (lane_runs["protocol.seed"] == 0)
+                     & (lane_runs["architecture.recipe"] == "sandwich")]
+    noisy = pd.DataFrame([{"run_id": r.run_id, "key": "train_loss", "step": s, "value": 5.0 if s % 2 else 3.0}
+                          for r in runs.itertuples() for s in range(1, 21)])
+    for window in (None, 2):
+        plot = figures.loss_curves(runs, noisy, tmp_path / f"smooth{window}.png", window=window)
+        [ax] = plot.figure.axes
+        assert [line.get_label().split(" ")[0] for line in ax.lines] == [
+            "sandwich-L1-d12-b1-c1", "sandwich-L2-d12-b1-c1", "sandwich-L4-d12-b1-c1", "sandwich-L8-d12-b1-c1"]
+        for line in ax.lines:
+            assert line.get_ydata().tolist() == [5.0] + [4.0] * 19
+        assert ax.get_ylabel().startswith("train loss, trailing mean of")
+    raw = figures.loss_curves(runs, noisy.assign(key="eval_loss"), tmp_path / "eval.png", metric="eval_loss")
+    assert raw.figure.axes[0].lines[0].get_ydata().tolist()[:3] == [5.0, 3.0, 5.0]  # other metrics as logged
+
+
+def test_each_recipe_has_its_shades_and_each_baseline_its_colour(lane_runs):
+    names = figures.config_names(lane_runs)
+    colors = figures.family_colors(lane_runs, names)
+    assert len(colors) == 9 and colors["llama-H256-n4"] == "black"
+    shades = [tuple(colors[f"{recipe}-L{lanes}-d12-b1-c1"]) for recipe in ("sandwich", "burger") for lanes in (1, 2, 4, 8)]
+    assert len(set(shades)) == 8  # every configuration its own colour
+    assert all(b > r for r, _, b, _ in shades[:4]) and all(r > b for r, _, b, _ in shades[4:])  # blues, oranges
+    assert [sum(c[:3]) for c in shades[:4]] == sorted((sum(c[:3]) for c in shades[:4]), reverse=True)  # darker
+
+
 def band(plot: figures.Plot, label_start: str):
     """The (x, low, high) of the min-max band whose series label starts with `label_start`."""
     [poly] = [c for ax in plot.figure.axes for c in ax.collections
