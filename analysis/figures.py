@@ -309,20 +309,21 @@ def fig17d_extremum_distance(
 
 
 def family_colors(runs: pd.DataFrame, names: pd.Series) -> dict[str, object]:
-    """A colour per configuration name: a TPB recipe's in its shades (RECIPE_SHADES), a baseline's in its
-    BASELINE_STYLES colour, anything else a colour of its own."""
+    """A colour per configuration name: a TPB recipe's in its shades (RECIPE_SHADES); a baseline's in its
+    BASELINE_STYLES colour, or in greys when the family has several configurations; any other family a
+    colour of its own."""
     arch = runs.get("architecture.arch", pd.Series("", index=runs.index))
     recipe = runs.get("architecture.recipe", pd.Series("", index=runs.index))
     family = recipe.where(arch == "tpb", arch).astype(str)
     colors: dict[str, object] = {}
     for i, (fam, part) in enumerate(sorted(names.groupby(family), key=lambda kv: kv[0])):
         members = sorted(part.astype(str).unique(), key=_natural)
-        if fam in RECIPE_SHADES:
-            shades = colormaps[RECIPE_SHADES[fam]](np.linspace(0.4, 0.95, len(members)))
+        if fam in RECIPE_SHADES or len(members) > 1:
+            shades = colormaps[RECIPE_SHADES.get(fam, "Greys")](np.linspace(0.4, 0.95, len(members)))
             colors.update(zip(members, shades, strict=True))
         else:
             base = BASELINE_STYLES.get(fam, (f"C{(i + 2) % 10}", ""))[0]
-            colors.update((name, base) for name in members)
+            colors[members[0]] = base
     return colors
 
 

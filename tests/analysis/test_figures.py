@@ -174,6 +174,10 @@ def test_each_recipe_has_its_shades_and_each_baseline_its_colour(lane_runs):
     assert len(set(shades)) == 8  # every configuration its own colour
     assert all(b > r for r, _, b, _ in shades[:4]) and all(r > b for r, _, b, _ in shades[4:])  # blues, oranges
     assert [sum(c[:3]) for c in shades[:4]] == sorted((sum(c[:3]) for c in shades[:4]), reverse=True)  # darker
+    two_llamas = pd.concat([lane_runs, pd.DataFrame([{**baseline("llama", 0, 3.0), "label": "llama-H512-n2"}])], ignore_index=True)
+    colors = figures.family_colors(two_llamas, figures.config_names(two_llamas))
+    greys = {tuple(colors["llama-H256-n4"]), tuple(colors["llama-H512-n2"])}
+    assert len(greys) == 2 and all(r == g == b for r, g, b, _ in greys)  # told apart, in greys
 
 
 def band(plot: figures.Plot, label_start: str):
