@@ -8,7 +8,7 @@ then prints:
 
     diff_std               std of the first differences of train_loss over the second half of the steps
                            (steps N/2+1 .. N: the figure issue 10 asks for, at N = 400)
-    window_loss_std        std over --windows train windows (drawn at random) of each window's mean loss under
+    window_loss_std        std over --windows train windows (in a random order) of each window's mean loss under
                            the final weights: how much one context-long window differs from another
     windows_per_step       protocol.batch_tokens / protocol.context
     predicted_diff_std     sqrt(2) x window_loss_std / sqrt(windows_per_step): the first-difference std of two
@@ -40,7 +40,7 @@ from trainer import default_run  # noqa: E402
 
 from trainers.config import DataConfig  # noqa: E402
 from trainers.data import prepare_data  # noqa: E402
-from trainers.loader import _windows  # noqa: E402
+from trainers.loader import Loader  # noqa: E402
 from trainers.loop import train  # noqa: E402
 from trainers.sample import load_model  # noqa: E402
 
@@ -61,16 +61,15 @@ class LossByStep:
         pass
 
 
-def window_losses(model, tokens: np.ndarray, context: int, n: int, seed: int = 0, batch: int = 64) -> np.ndarray:
-    """Mean next-token loss of each of n distinct train windows drawn at random (fp32, no grad)."""
-    n_windows = (len(tokens) - 1) // context
-    index = np.random.default_rng(seed).choice(n_windows, size=min(n, n_windows), replace=False)
+def window_losses(model, tokens: np.ndarray, context: int, n: int, seed: int = 1, batch: int = 64) -> np.ndarray:
+    """Mean next-token loss of each of ~n distinct train windows, served in a random order by the trainer's
+    own Loader (seed 1: not the order training began with), fp32, no grad."""
+    loader = Loader(tokens, context, batch, seed=seed)
     out = []
     with torch.no_grad():
-        for start in range(0, len(index), batch):
-            x, y = _windows(tokens, index[start: start + batch], context)
-            logits = model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+        for _ in range(max(1, min(n, loader.n_sequences) // batch)):
+            x, y = loader.next()
+            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="none")
             out.append(loss.view(y.shape).mean(dim=1))
     return torch.cat(out).numpy()
 
