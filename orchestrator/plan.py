@@ -54,9 +54,12 @@ class Job:
     nominal_ffn_ratio: float = 0.0
     """The configured multiplier (lane_ffn_mult or ffn_mult)."""
     non_embedding_params: int = 0
-    flops: int = 0
-    """Forward + backward FLOPs of the whole run (analysis.planning.training_flops): the local pool starts the
-    costliest jobs first, so the last one to end is a short one."""
+
+    @property
+    def flops(self) -> int:
+        """Forward + backward FLOPs of the whole run (analysis.planning.training_flops): the local pool starts the
+        costliest jobs first, so the last one to end is a short one."""
+        return training_flops(self.run.architecture, self.run.protocol)
 
     @property
     def lane_hidden(self) -> int:
@@ -103,7 +106,7 @@ def plan_job(run: RunConfig, overrides: list[str] | None = None) -> Job:
     job = Job(run=run, run_key=run_key(run), params=param_count(arch), deviation=deviation,
               syncs=sync_count(arch), decode_speedup=speedup, decode_time=step_s, overrides=overrides,
               adjusted=adjusted, ffn=ffn, ffn_ratio=ffn / base, nominal_ffn_ratio=nominal,
-              non_embedding_params=non_embedding_params(arch), flops=training_flops(arch, run.protocol))
+              non_embedding_params=non_embedding_params(arch))
     job.run_name = job.label
     return job
 
